@@ -1,0 +1,174 @@
+"""Typed settings: the enums every module shares and the resolved, frozen build settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from pathlib import Path
+
+from imagebuild.errors import ConfigError
+
+
+class Arch(enum.StrEnum):
+    amd64 = "amd64"
+    arm64 = "arm64"
+
+    @classmethod
+    def parse(cls, text: str) -> Arch:
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(
+                f"unknown architecture '{text}'",
+                hint=f"use one of: {', '.join(a.value for a in cls)}",
+            ) from None
+
+    @property
+    def uname(self) -> str:
+        """What ``uname -m`` prints on this architecture."""
+        return {Arch.amd64: "x86_64", Arch.arm64: "aarch64"}[self]
+
+    @property
+    def grub_target(self) -> str:
+        return {Arch.amd64: "x86_64-efi", Arch.arm64: "arm64-efi"}[self]
+
+    @property
+    def efi_binary(self) -> str:
+        """The removable-media path name UEFI firmware boots without NVRAM entries."""
+        return {Arch.amd64: "BOOTX64.EFI", Arch.arm64: "BOOTAA64.EFI"}[self]
+
+    @property
+    def serial_console(self) -> str:
+        return {Arch.amd64: "ttyS0", Arch.arm64: "ttyAMA0"}[self]
+
+    @property
+    def qemu_system(self) -> str:
+        return {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64"}[self]
+
+    @property
+    def debian(self) -> str:
+        return {Arch.amd64: "amd64", Arch.arm64: "arm64"}[self]
+
+
+class Variant(enum.StrEnum):
+    console = "console"
+    cloudinit = "cloud-init"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        # Catalyst accepts both spellings (diskimagefs-update.sh: "cloud-init|cloudinit").
+        if text == "cloudinit":
+            return cls.cloudinit
+        try:
+            return cls(text)
+        except ValueError:
+            raise ConfigError(
+                f"unknown image variant '{text}'",
+                hint=f"use one of: {', '.join(v.value for v in cls)}",
+            ) from None
+
+    @property
+    def file_part(self) -> str:
+        """How Gentoo spells the variant in file names (di-amd64-cloudinit.qcow2)."""
+        return self.value.replace("-", "")
+
+
+class Compression(enum.StrEnum):
+    zlib = "zlib"
+    zstd = "zstd"
+
+
+class InitSystem(enum.StrEnum):
+    systemd = "systemd"
+    openrc = "openrc"
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
+}
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse a parted/Catalyst-style size (``20GiB``, ``20G``, ``512MiB``, ``4096``) into bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise ConfigError(
+            f"cannot read {what} '{text}'",
+            hint="write a number with an optional unit, for example 20GiB, 20G or 512MiB",
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """Geometry and labels of the disk image (Gentoo's published layout by default)."""
+
+    size: int = 20 * GiB
+    esp_size: int = 512 * MiB
+    sector_size: int = 512
+    esp_label: str = "gentooefi"
+    root_label: str = "gentooroot"
+    root_fstype: str = "xfs"
+
+    def validate(self) -> None:
+        if self.sector_size not in (512, 4096):
+            raise ConfigError(
+                f"unsupported sector size {self.sector_size}", hint="use 512 or 4096"
+            )
+        if self.root_fstype != "xfs":
+            raise ConfigError(
+                f"unsupported root filesystem type '{self.root_fstype}'",
+                hint="imagebuild makes XFS roots, as Gentoo's images have (diskimage/qcow2_roottype: xfs)",
+            )
+        if self.esp_size < 64 * MiB:
+            raise ConfigError(
+                f"EFI system partition of {self.esp_size // MiB} MiB is too small",
+                hint="use at least 64MiB (Gentoo uses 512MiB)",
+            )
+        if self.size < self.esp_size + 300 * MiB:
+            raise ConfigError(
+                f"image size {self.size // MiB} MiB leaves no room for a root filesystem",
+                hint="make diskimage/qcow2_size (or --size) larger; Gentoo uses 20GiB",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build needs, resolved and validated before the first step runs."""
+
+    arch: Arch
+    variant: Variant
+    stage: str  # "standin", "mirror", or a path to a stage tarball
+    output_dir: Path
+    image_name: str  # e.g. di-amd64-console-20261124T030000Z.qcow2
+    stamp: str
+    layout: ImageLayout
+    compression: Compression = Compression.zlib
+    smoke_test: bool = True
+    boot_timeout: float = 600.0
+    spec_path: Path | None = None
+    work_dir: Path = Path("/var/tmp/imagebuild")
+    cache_dir: Path = Path("/var/cache/imagebuild")
+
+    @property
+    def image_path(self) -> Path:
+        return self.output_dir / self.image_name

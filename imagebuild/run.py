@@ -1,0 +1,132 @@
+"""The one way imagebuild runs an external program.
+
+Argument lists only (never a shell string), an explicit environment, the command logged
+before it runs, and on failure a CommandError that carries the exact command and its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from imagebuild.errors import CommandError, ToolMissingError
+from imagebuild.log import logger
+
+# Host programs imagebuild calls, with the packages that provide them.
+# tool -> (Debian package, Gentoo package)
+HOST_TOOLS: dict[str, tuple[str, str]] = {
+    "qemu-img": ("qemu-utils", "app-emulation/qemu"),
+    "qemu-system-x86_64": ("qemu-system-x86", "app-emulation/qemu"),
+    "qemu-system-aarch64": ("qemu-system-arm", "app-emulation/qemu"),
+    "mkfs.xfs": ("xfsprogs", "sys-fs/xfsprogs"),
+    "mkfs.vfat": ("dosfstools", "sys-fs/dosfstools"),
+    "mcopy": ("mtools", "sys-fs/mtools"),
+    "mmd": ("mtools", "sys-fs/mtools"),
+    "mdir": ("mtools", "sys-fs/mtools"),
+    "sgdisk": ("gdisk", "sys-apps/gptfdisk"),
+    "losetup": ("mount", "sys-apps/util-linux"),
+    "mount": ("mount", "sys-apps/util-linux"),
+    "umount": ("mount", "sys-apps/util-linux"),
+    "chroot": ("coreutils", "sys-apps/coreutils"),
+    "cp": ("coreutils", "sys-apps/coreutils"),
+    "mmdebstrap": ("mmdebstrap", "(none: Debian-only tool for the stand-in stage)"),
+    "zstd": ("zstd", "app-arch/zstd"),
+    "xz": ("xz-utils", "app-arch/xz-utils"),
+    "bzip2": ("bzip2", "app-arch/bzip2"),
+    "gpg": ("gnupg", "app-crypt/gnupg"),
+}
+
+
+def find_tool(name: str) -> str:
+    """Return the path of host program ``name`` or raise ToolMissingError naming its package."""
+    path = shutil.which(name)
+    if path is None:
+        # Tools in sbin are often not on a normal user's PATH.
+        for directory in ("/usr/sbin", "/sbin"):
+            candidate = Path(directory) / name
+            if candidate.exists() and os.access(candidate, os.X_OK):
+                return str(candidate)
+        debian, gentoo = HOST_TOOLS.get(name, ("?", "?"))
+        raise ToolMissingError(
+            f"required host tool '{name}' is not installed",
+            hint=f"install it: Debian/Ubuntu 'apt-get install {debian}', Gentoo 'emerge {gentoo}'"
+            " (or run ci/setup to install every tool imagebuild needs)",
+        )
+    return path
+
+
+def require_tools(*names: str) -> None:
+    """Fail before a step starts if any of ``names`` is missing (all reported at once)."""
+    missing = [name for name in names if shutil.which(name) is None and not _in_sbin(name)]
+    if not missing:
+        return
+    packages = sorted({HOST_TOOLS.get(n, ("?", "?"))[0] for n in missing})
+    gentoo = sorted({HOST_TOOLS.get(n, ("?", "?"))[1] for n in missing})
+    raise ToolMissingError(
+        f"required host tool(s) not installed: {', '.join(missing)}",
+        hint=f"Debian/Ubuntu: apt-get install {' '.join(packages)}; Gentoo: emerge {' '.join(gentoo)}"
+        " (or run ci/setup)",
+    )
+
+
+def _in_sbin(name: str) -> bool:
+    return any((Path(d) / name).exists() for d in ("/usr/sbin", "/sbin"))
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    stdout: int | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``cmd`` (an argument list) and return the completed process.
+
+    ``env`` adds to a minimal, explicit environment instead of inheriting the caller's.
+    stderr is always captured so a failure can show it beside the exact command.
+    """
+    argv = [os.fspath(arg) for arg in cmd]
+    argv[0] = find_tool(argv[0]) if "/" not in argv[0] else argv[0]
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+    }
+    if "SOURCE_DATE_EPOCH" in os.environ:
+        full_env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+    full_env.update(env or {})
+    logger.debug("+ %s", shlex.join(argv))
+    try:
+        result = subprocess.run(
+            argv,
+            env=full_env,
+            input=input,
+            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(f"command timed out after {timeout}s: {shlex.join(argv)}") from exc
+    if check and result.returncode != 0:
+        stderr = result.stderr.decode(errors="replace").strip()
+        raise CommandError(
+            f"command failed with exit status {result.returncode}: {shlex.join(argv)}"
+            + (f"\n{_indent(stderr)}" if stderr else "")
+        )
+    return result
+
+
+def _indent(text: str, limit: int = 40) -> str:
+    lines = text.splitlines()
+    if len(lines) > limit:
+        lines = ["..."] + lines[-limit:]
+    return "\n".join("    " + line for line in lines)
