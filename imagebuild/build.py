@@ -1,0 +1,238 @@
+"""The build pipeline: one function that calls each step in order, top to bottom.
+
+Each step takes the Context, does one thing, and logs itself with its duration. Resources
+(workspace, loop devices, mounts, chroot binds) are context managers on one ExitStack, so
+an error or a signal anywhere unwinds them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+from imagebuild import __version__, standin
+from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
+from imagebuild.chroot import check_can_execute
+from imagebuild.config import BuildConfig, InitSystem, Variant
+from imagebuild.configure import (
+    Kernel,
+    clean_tree,
+    configure_console,
+    detect_init,
+    find_kernel,
+    write_system_files,
+)
+from imagebuild.disk import DiskLayout, Identifiers, make_esp, make_root, partition_image
+from imagebuild.errors import ConfigError, ImageError, StageError
+from imagebuild.log import STEP_TIMINGS, complete_step, logger
+from imagebuild.output import (
+    contents_lines,
+    convert_to_qcow2,
+    digests_text,
+    file_digests,
+    temporary_name,
+    tool_versions,
+    write_contents,
+    write_json,
+)
+from imagebuild.run import require_tools
+from imagebuild.unpack import unpack_stage
+from imagebuild.workspace import Workspace
+
+BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup", "mount", "umount",
+               "chroot", "cp")
+
+
+@dataclasses.dataclass
+class Context:
+    config: BuildConfig
+    workspace: Path
+    stack: contextlib.ExitStack
+    stage_tarball: Path | None = None
+    init: InitSystem | None = None
+    kernel: Kernel | None = None
+    disk: DiskLayout | None = None
+    ids: Identifiers | None = None
+    outputs: dict[str, Path] = dataclasses.field(default_factory=dict)  # final path -> temporary path
+
+    @property
+    def root(self) -> Path:
+        return self.workspace / "root"
+
+    @property
+    def esp(self) -> Path:
+        return self.workspace / "esp"
+
+    @property
+    def raw(self) -> Path:
+        return self.workspace / "disk.raw"
+
+
+def check_prerequisites(config: BuildConfig) -> None:
+    """Everything that can be known before work starts: tools, output directory, clashes."""
+    require_tools(*BUILD_TOOLS)
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the output directory {config.output_dir}: {exc.strerror}",
+            hint="choose a writable directory with --output",
+        ) from exc
+    if not os.access(config.output_dir, os.W_OK):
+        raise ConfigError(f"the output directory {config.output_dir} is not writable",
+                          hint="choose a writable directory with --output")
+    if config.image_path.exists():
+        raise ConfigError(f"{config.image_path} already exists",
+                          hint="remove it, choose another --output, or give another --stamp")
+
+
+def acquire_stage(ctx: Context) -> None:
+    source = ctx.config.stage
+    if source == "standin":
+        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir)
+    elif source == "mirror":
+        raise ConfigError(
+            "downloading a stage3 from a Gentoo mirror is not implemented yet",
+            hint="give a local stage tarball with --stage FILE, or --stage standin for the offline stand-in",
+        )
+    else:
+        path = Path(source).expanduser().resolve()
+        if not path.is_file():
+            raise StageError(
+                f"stage tarball {path} does not exist",
+                hint="give the path of a stage tarball, or --stage standin for the offline stand-in",
+            )
+        ctx.stage_tarball = path
+
+
+def unpack(ctx: Context) -> None:
+    assert ctx.stage_tarball is not None
+    with complete_step(f"Unpacking {ctx.stage_tarball.name}"):
+        count = unpack_stage(ctx.stage_tarball, ctx.root)
+        logger.info("  %d entries", count)
+
+
+def inspect_stage(ctx: Context) -> None:
+    """What the image needs from the stage: a kernel, GRUB modules, a runnable userland."""
+    ctx.kernel = find_kernel(ctx.root)
+    grub_module_dir(ctx.root, ctx.config.arch)
+    check_can_execute(ctx.root, ctx.config.arch)
+    ctx.init = detect_init(ctx.root)
+    stand_in = (ctx.root / "etc/imagebuild-standin").exists()
+    logger.info("  kernel %s%s, init %s%s", ctx.kernel.version,
+                f" with {ctx.kernel.initrd}" if ctx.kernel.initrd else " (no initramfs)",
+                ctx.init.value, " — STAND-IN stage (Debian), not Gentoo" if stand_in else "")
+
+
+def configure(ctx: Context) -> None:
+    config = ctx.config
+    assert ctx.init is not None
+    with complete_step(f"Configuring the {config.variant.value} variant"):
+        write_system_files(ctx.root, config.arch, config.layout)
+        if config.variant == Variant.console:
+            configure_console(ctx.root, config.arch, ctx.init)
+        else:
+            raise ConfigError("the cloud-init variant is not implemented yet", hint="build the console variant")
+
+
+def install_bootloader(ctx: Context) -> None:
+    assert ctx.kernel is not None and ctx.ids is not None
+    with complete_step(f"Installing GRUB ({ctx.config.arch.efi_binary})"):
+        move_boot_to_esp(ctx.root, ctx.esp)
+        install_grub(ctx.root, ctx.esp, ctx.config.arch, ctx.kernel, esp_uuid=ctx.ids.esp_uuid,
+                     image_name=ctx.config.image_name, root_label=ctx.config.layout.root_label,
+                     root_fstype=ctx.config.layout.root_fstype)
+
+
+def clean(ctx: Context) -> None:
+    with complete_step("Cleaning the tree (machine-id, host keys, histories, scratch)"):
+        clean_tree(ctx.root)
+
+
+def make_disk(ctx: Context) -> None:
+    config, ids = ctx.config, ctx.ids
+    assert ids is not None
+    with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image (GPT)"):
+        ctx.disk = partition_image(ctx.raw, config.layout, config.arch, ids)
+    with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
+        make_esp(ctx.raw, ctx.disk.esp, config.layout, ids, ctx.esp)
+    with complete_step("Making and filling the XFS root"):
+        make_root(ctx.raw, ctx.disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt")
+
+
+def write_outputs(ctx: Context) -> None:
+    config = ctx.config
+    image = config.image_path
+    names = {
+        "image": image,
+        "contents": image.with_name(image.name + ".CONTENTS.gz"),
+        "digests": image.with_name(image.name + ".DIGESTS"),
+        "manifest": image.with_name(image.name + ".manifest.json"),
+    }
+    for final in names.values():
+        ctx.outputs[final] = temporary_name(final)
+        ctx.stack.callback(ctx.outputs[final].unlink, missing_ok=True)
+    with complete_step(f"Converting to qcow2 ({config.compression.value})"):
+        convert_to_qcow2(ctx.raw, ctx.outputs[names["image"]], config.compression)
+    with complete_step("Writing CONTENTS.gz, DIGESTS and the build manifest"):
+        write_contents(contents_lines(ctx.root, ctx.esp), ctx.outputs[names["contents"]])
+        digests = {
+            image.name: file_digests(ctx.outputs[names["image"]]),
+            names["contents"].name: file_digests(ctx.outputs[names["contents"]]),
+        }
+        ctx.outputs[names["digests"]].write_text(digests_text(digests))
+        write_json(_manifest(ctx, digests), ctx.outputs[names["manifest"]])
+    # The image last: whoever sees it under its final name also finds its companions.
+    for final in sorted(ctx.outputs, key=lambda p: p == image):
+        ctx.outputs[final].rename(final)
+    logger.info("✓ %s (%.0f MiB)", image, image.stat().st_size / 2**20)
+
+
+def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, object]:
+    config = ctx.config
+    assert ctx.kernel is not None and ctx.ids is not None and ctx.stage_tarball is not None
+    return {
+        "imagebuild": __version__,
+        "image": config.image_name,
+        "arch": config.arch.value,
+        "variant": config.variant.value,
+        "stamp": config.stamp,
+        "spec": str(config.spec_path) if config.spec_path else None,
+        "stage": {
+            "source": config.stage if config.stage in ("standin", "mirror") else "local",
+            "file": ctx.stage_tarball.name,
+            "size": ctx.stage_tarball.stat().st_size,
+            "stand_in": config.stage == "standin",
+        },
+        "init": ctx.init.value if ctx.init else None,
+        "kernel": dataclasses.asdict(ctx.kernel),
+        "layout": dataclasses.asdict(config.layout),
+        "identifiers": dataclasses.asdict(ctx.ids),
+        "compression": config.compression.value,
+        "digests": digests,
+        "tools": tool_versions(),
+        "step_seconds": dict(STEP_TIMINGS),
+    }
+
+
+def build_image(config: BuildConfig, *, keep_workspace: bool = False) -> Path:
+    """Build ``config.image_path`` from its stage; return the image's path."""
+    check_prerequisites(config)
+    with contextlib.ExitStack() as stack:
+        workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"
+                                                  f"{config.variant.file_part}", keep=keep_workspace))
+        ctx = Context(config=config, workspace=workspace, stack=stack,
+                      ids=Identifiers.make(config.image_name))
+        acquire_stage(ctx)
+        unpack(ctx)
+        inspect_stage(ctx)
+        configure(ctx)
+        install_bootloader(ctx)
+        clean(ctx)
+        make_disk(ctx)
+        write_outputs(ctx)
+    if not config.image_path.exists():
+        raise ImageError(f"the build ended without {config.image_path}")
+    return config.image_path

@@ -1,0 +1,140 @@
+"""The ``imagebuild`` command. The only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from types import FrameType
+
+from imagebuild import __version__
+from imagebuild.config import Arch, Variant
+from imagebuild.errors import ImagebuildError, Interrupted
+from imagebuild.log import logger, setup_logging
+
+EXIT_FAILED = 1  # the image was made or tested and did not pass
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    # Raising here unwinds every context manager (mounts, loop devices, QEMU) on the way out.
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagebuild",
+        description="Build bootable QCOW2 disk images of Gentoo Linux and prove they boot.",
+    )
+    parser.add_argument("--version", action="version", version=f"imagebuild {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log every command; show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser("build", help="build one image from a spec, then smoke-test it")
+    build.add_argument("arch", help="amd64 or arm64")
+    build.add_argument("variant", help="console or cloud-init")
+    build.add_argument("--spec", type=Path, help="Catalyst-style spec (default: the shipped specs/ARCH/VARIANT.spec)")
+    build.add_argument("--stage", metavar="SOURCE",
+                       help="stage tarball path, 'standin' (offline Debian-based stand-in), or 'mirror'")
+    build.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: ./out)")
+    build.add_argument("--size", help="image size, e.g. 20GiB (spec: diskimage/qcow2_size)")
+    build.add_argument("--esp-size", help="EFI partition size, e.g. 512MiB (spec: diskimage/qcow2_efisize)")
+    build.add_argument("--compression", choices=["zlib", "zstd"], help="qcow2 compression (default zlib)")
+    build.add_argument("--stamp", help="release stamp (default: now, YYYYMMDDTHHMMSSZ)")
+    build.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="value for a spec placeholder @NAME@ (repeatable)")
+    build.add_argument("--no-test", action="store_true", help="do not boot-test the image")
+    build.add_argument("--boot-timeout", type=float, help="smoke-test deadline in seconds")
+    build.add_argument("--work-dir", type=Path, help="scratch space (default /var/tmp/imagebuild)")
+    build.add_argument("--cache-dir", type=Path, help="stage cache (default /var/cache/imagebuild)")
+    build.add_argument("--keep-workspace", action="store_true", help="keep the scratch tree for debugging")
+
+    smoke = sub.add_parser("smoke-test", help="boot an image under QEMU + edk2 and check it works")
+    smoke.add_argument("image", type=Path)
+    smoke.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    smoke.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
+    smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
+    smoke.add_argument("--boot-timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
+
+    stage = sub.add_parser("standin", help="build (or find cached) the offline stand-in stage and print its path")
+    stage.add_argument("arch", help="amd64 or arm64")
+    stage.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
+    return parser
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from imagebuild.build import build_image
+    from imagebuild.settings import Overrides, resolve
+
+    placeholders = []
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ImagebuildError(f"--set '{item}' is not NAME=VALUE", hint="for example --set TREEISH=abc123")
+        placeholders.append((name, value))
+    config = resolve(
+        Arch.parse(args.arch),
+        Variant.parse(args.variant),
+        Overrides(spec=args.spec, stage=args.stage, output_dir=args.output, size=args.size,
+                  esp_size=args.esp_size, compression=args.compression,
+                  smoke_test=False if args.no_test else None, boot_timeout=args.boot_timeout,
+                  stamp=args.stamp, work_dir=args.work_dir, cache_dir=args.cache_dir,
+                  placeholders=tuple(placeholders)),
+    )
+    image = build_image(config, keep_workspace=args.keep_workspace)
+    if not config.smoke_test:
+        return 0
+    return _smoke(image, config.arch, config.variant, config.output_dir, config.boot_timeout)
+
+
+def _smoke(image: Path, arch: Arch, variant: Variant, results: Path, timeout: float) -> int:
+    from imagebuild.smoketest import smoke_test
+
+    result = smoke_test(image, arch=arch, variant=variant, results_dir=results, boot_timeout=timeout)
+    if result.passed:
+        logger.info("✓ smoke test passed: %s", image.name)
+        return 0
+    logger.error("✗ smoke test FAILED for %s: %s", image.name, result.reason)
+    logger.error("  console log: %s", result.console_log)
+    return EXIT_FAILED
+
+
+def _cmd_smoke_test(args: argparse.Namespace) -> int:
+    image: Path = args.image
+    manifest = image.with_name(image.name + ".manifest.json")
+    recorded: dict[str, str] = {}
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+    arch_text = args.arch or recorded.get("arch")
+    variant_text = args.variant or recorded.get("variant")
+    if not arch_text or not variant_text:
+        raise ImagebuildError(
+            f"cannot tell the architecture and variant of {image} (no {manifest.name} beside it)",
+            hint="pass --arch and --variant",
+        )
+    return _smoke(image, Arch.parse(arch_text), Variant.parse(variant_text),
+                  args.results or image.resolve().parent, args.boot_timeout)
+
+
+def _cmd_standin(args: argparse.Namespace) -> int:
+    from imagebuild.standin import ensure_standin
+
+    print(ensure_standin(Arch.parse(args.arch), args.cache_dir.resolve()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(verbose=args.debug)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "standin": _cmd_standin}
+    try:
+        return commands[args.command](args)
+    except ImagebuildError as exc:
+        if args.debug:
+            traceback.print_exc()
+        logger.error("error: %s", exc)
+        return exc.exit_code

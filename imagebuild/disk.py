@@ -1,0 +1,187 @@
+"""The disk image: GPT with an ESP and an XFS root, made and filled without mounting FAT.
+
+The host kernel may lack vfat (these build machines do), so the ESP is made with mkfs.vfat
+on a loop device and filled with mtools; the root is XFS, filled through a loop mount.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from pathlib import Path
+
+import parted
+
+from imagebuild.config import Arch, ImageLayout, MiB
+from imagebuild.errors import CommandError, ImageError
+from imagebuild.log import logger
+from imagebuild.mounts import LoopDevice, mounted
+from imagebuild.run import run
+
+# Discoverable Partitions Specification root types: systemd's gpt-auto finds the root by them.
+DPS_ROOT_TYPE = {
+    Arch.amd64: "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    Arch.arm64: "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+}
+_ALIGN = 1 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Identifiers:
+    disk_guid: str
+    esp_guid: str
+    root_guid: str
+    esp_volume_id: str  # FAT serial, 8 hex digits
+    root_uuid: str
+
+    @property
+    def esp_uuid(self) -> str:
+        """The FAT serial as blkid and GRUB's search --fs-uuid spell it (ABCD-1234)."""
+        return f"{self.esp_volume_id[:4]}-{self.esp_volume_id[4:]}".upper()
+
+    @classmethod
+    def make(cls, image_name: str) -> Identifiers:
+        """Derived from SOURCE_DATE_EPOCH and the image name when set (reproducible), random otherwise."""
+        epoch = os.environ.get("SOURCE_DATE_EPOCH")
+
+        def ident(purpose: str) -> uuid.UUID:
+            if epoch is None:
+                return uuid.uuid4()
+            return uuid.uuid5(uuid.NAMESPACE_URL, f"imagebuild:{epoch}:{image_name}:{purpose}")
+
+        return cls(
+            disk_guid=str(ident("disk")),
+            esp_guid=str(ident("esp")),
+            root_guid=str(ident("root")),
+            esp_volume_id=ident("esp-fs").hex[:8].upper(),
+            root_uuid=str(ident("root-fs")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    number: int
+    offset: int  # bytes
+    size: int  # bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskLayout:
+    esp: Partition
+    root: Partition
+
+
+def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers) -> DiskLayout:
+    """Create the sparse raw file and write its GPT: ESP, then root filling the disk."""
+    with open(raw, "wb") as f:
+        f.truncate(layout.size)
+    sector = layout.sector_size
+    if sector != 512:
+        raise ImageError(
+            f"{sector}-byte sector images are not supported yet",
+            hint="build with the default 512-byte sectors",
+        )
+    device = parted.getDevice(str(raw))
+    disk = parted.freshDisk(device, "gpt")
+    align = _ALIGN // sector
+    esp_start = align
+    esp_end = esp_start + layout.esp_size // sector - 1
+    root_start = esp_end + 1
+    # Leave the last MiB for the backup GPT, keeping the root's end aligned (as Catalyst's -1M).
+    root_end = (device.length // align) * align - align - 1
+    constraint = parted.Constraint(device=device)
+    for number, (start, end, fstype, name, flag) in enumerate(
+        [
+            (esp_start, esp_end, "fat32", layout.esp_label, parted.PARTITION_BOOT),
+            (root_start, root_end, "xfs", layout.root_label, None),
+        ],
+        start=1,
+    ):
+        geometry = parted.Geometry(device=device, start=start, end=end)
+        filesystem = parted.FileSystem(type=fstype, geometry=geometry)
+        partition = parted.Partition(disk=disk, type=parted.PARTITION_NORMAL, fs=filesystem, geometry=geometry)
+        disk.addPartition(partition, constraint)
+        partition.set_name(name)
+        if flag is not None:
+            partition.setFlag(flag)  # on GPT this sets the ESP type GUID
+    disk.commit()
+    # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sgdisk can.
+    run([
+        "sgdisk",
+        f"--disk-guid={ids.disk_guid}",
+        f"--partition-guid=1:{ids.esp_guid}",
+        f"--partition-guid=2:{ids.root_guid}",
+        f"--typecode=2:{DPS_ROOT_TYPE[arch]}",
+        raw,
+    ])
+    return DiskLayout(
+        esp=Partition(1, esp_start * sector, (esp_end - esp_start + 1) * sector),
+        root=Partition(2, root_start * sector, (root_end - root_start + 1) * sector),
+    )
+
+
+def tree_size(root: Path) -> int:
+    """Bytes the tree occupies on disk (allocated blocks, hardlinks counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(directory, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def check_fits(what: str, needed: int, available: int, option: str) -> None:
+    if needed > available:
+        raise ImageError(
+            f"the {what} needs about {needed // MiB} MiB but the partition holds only {available // MiB} MiB",
+            hint=f"make the image larger ({option}); the image is sparse, so size costs little disk",
+        )
+
+
+def make_esp(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, esp_tree: Path) -> None:
+    """FAT32 on partition 1, filled from ``esp_tree`` with mtools."""
+    # FAT needs clusters for directories and slack; 10% + 4 MiB is generous for /boot.
+    check_fits("EFI system partition (/boot)", int(_tree_bytes(esp_tree) * 1.1) + 4 * MiB, part.size,
+               "diskimage/qcow2_efisize or --esp-size")
+    with LoopDevice(raw, offset=part.offset, size=part.size, sector_size=layout.sector_size) as dev:
+        run(["mkfs.vfat", "-F", "32", "-n", layout.esp_label, "-i", ids.esp_volume_id,
+             "-S", str(layout.sector_size), dev])
+        entries = sorted(esp_tree.iterdir())
+        if entries:
+            run(["mcopy", "-s", "-m", "-Q", "-i", dev, *entries, "::/"], env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def _tree_bytes(tree: Path) -> int:
+    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+
+
+def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, root_tree: Path,
+              mountpoint: Path) -> None:
+    """XFS on partition 2, filled by copying ``root_tree`` through a loop mount."""
+    # XFS metadata and log take a few percent; keep 5% + 64 MiB free for the first boot.
+    check_fits("root filesystem", int(tree_size(root_tree) * 1.05) + 64 * MiB, part.size,
+               "diskimage/qcow2_size or --size")
+    with LoopDevice(raw, offset=part.offset, size=part.size, sector_size=layout.sector_size) as dev:
+        # nrext64=0: large extent counters are unreadable to older kernels (5.15) and GRUB.
+        run(["mkfs.xfs", "-q", "-f", "-i", "nrext64=0", "-L", layout.root_label,
+             "-m", f"uuid={ids.root_uuid}", dev])
+        with mounted(dev, mountpoint, fstype=layout.root_fstype):
+            entries = sorted(root_tree.iterdir())
+            # One cp for everything keeps hardlinks between top-level directories intact;
+            # -a keeps owners, modes, times and xattrs (file capabilities).
+            try:
+                run(["cp", "-a", "--sparse=always", *entries, mountpoint])
+            except CommandError as exc:
+                if "No space left" in str(exc):
+                    raise ImageError(
+                        f"the root filesystem of {raw.name} filled up while copying the tree",
+                        hint="make the image larger (diskimage/qcow2_size or --size)",
+                    ) from exc
+                raise
+            run(["sync", "-f", mountpoint])
+    logger.debug("root filesystem populated")

@@ -1,0 +1,140 @@
+"""Turn a spec plus command-line options into one validated, frozen BuildConfig.
+
+Precedence: command line, then the spec, then Gentoo's defaults. Everything is checked
+here, before the first step runs; nothing deeper reads raw spec keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from imagebuild.config import Arch, BuildConfig, Compression, ImageLayout, Variant, parse_size
+from imagebuild.errors import ConfigError
+from imagebuild.spec import Spec, load_spec
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Command-line options; None means "not given"."""
+
+    spec: Path | None = None
+    stage: str | None = None
+    output_dir: Path = Path("out")
+    size: str | None = None
+    esp_size: str | None = None
+    sector_size: int | None = None
+    compression: str | None = None
+    smoke_test: bool | None = None
+    boot_timeout: float | None = None
+    stamp: str | None = None
+    work_dir: Path | None = None
+    cache_dir: Path | None = None
+    placeholders: tuple[tuple[str, str], ...] = ()
+
+
+def default_spec(arch: Arch, variant: Variant) -> Path:
+    """The shipped spec for arch × variant (package data when installed, specs/ in a checkout)."""
+    for base in (PACKAGE_DIR / "specs", PACKAGE_DIR.parent / "specs"):
+        candidate = base / arch.value / f"{variant.value}.spec"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no shipped spec for {arch.value} {variant.value}",
+        hint="pass one with --spec FILE",
+    )
+
+
+def make_stamp() -> str:
+    """Gentoo's release stamp, YYYYMMDDTHHMMSSZ, from SOURCE_DATE_EPOCH when set."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(epoch) if epoch else None))
+
+
+def _yes_no(value: str | None, where: str) -> bool | None:
+    if value is None:
+        return None
+    if value.lower() in ("yes", "true", "1"):
+        return True
+    if value.lower() in ("no", "false", "0"):
+        return False
+    raise ConfigError(f"{where}: expected yes or no, got '{value}'")
+
+
+def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
+    stamp = opts.stamp or make_stamp()
+    spec_path = opts.spec or default_spec(arch, variant)
+    placeholders = {"TIMESTAMP": stamp, **dict(opts.placeholders)}
+    spec = load_spec(spec_path, placeholders=placeholders,
+                     variables={"arch": arch.value, "variant": variant.value, "stamp": stamp})
+    _check_matches(spec, arch, variant)
+
+    def pick(cli: object, key: str) -> str | None:
+        return str(cli) if cli is not None else spec.get(key)
+
+    size = pick(opts.size, "diskimage/qcow2_size")
+    esp_size = pick(opts.esp_size, "diskimage/qcow2_efisize")
+    layout = ImageLayout(
+        size=parse_size(size, what="image size") if size else ImageLayout.size,
+        esp_size=parse_size(esp_size, what="EFI partition size") if esp_size else ImageLayout.esp_size,
+        sector_size=int(pick(opts.sector_size, "imagebuild/sector_size") or 512),
+        root_fstype=spec.get("diskimage/qcow2_roottype") or "xfs",
+    )
+    layout.validate()
+    compression_text = pick(opts.compression, "imagebuild/compression") or "zlib"
+    try:
+        compression = Compression(compression_text)
+    except ValueError:
+        raise ConfigError(f"unknown compression '{compression_text}'", hint="use zlib or zstd") from None
+    smoke = opts.smoke_test if opts.smoke_test is not None else _yes_no(
+        spec.get("imagebuild/smoke_test"), spec.where("imagebuild/smoke_test"))
+    timeout = pick(opts.boot_timeout, "imagebuild/boot_timeout")
+    image_name = _image_name(spec, arch, variant, stamp)
+    defaults = BuildConfig.__dataclass_fields__
+    return BuildConfig(
+        arch=arch,
+        variant=variant,
+        stage=opts.stage or spec.get("imagebuild/stage") or "mirror",
+        output_dir=opts.output_dir.resolve(),
+        image_name=image_name,
+        stamp=stamp,
+        layout=layout,
+        compression=compression,
+        smoke_test=True if smoke is None else smoke,
+        boot_timeout=float(timeout) if timeout else 600.0,
+        spec_path=spec_path,
+        work_dir=(opts.work_dir or defaults["work_dir"].default).resolve(),  # type: ignore[union-attr]
+        cache_dir=(opts.cache_dir or defaults["cache_dir"].default).resolve(),  # type: ignore[union-attr]
+    )
+
+
+def _check_matches(spec: Spec, arch: Arch, variant: Variant) -> None:
+    subarch = spec.get("subarch")
+    if subarch is not None and subarch != arch.value:
+        raise ConfigError(
+            f"{spec.where('subarch')}: the spec is for '{subarch}', but {arch.value} was asked for",
+            hint=f"use a spec for {arch.value}, or build {subarch}",
+        )
+    kind = spec.get("diskimage/type")
+    if kind is not None and Variant.parse(kind) != variant:
+        raise ConfigError(
+            f"{spec.where('diskimage/type')}: the spec makes a '{kind}' image, but {variant.value} was asked for",
+            hint=f"use a spec with diskimage/type: {variant.value}",
+        )
+
+
+def _image_name(spec: Spec, arch: Arch, variant: Variant, stamp: str) -> str:
+    name = spec.get("diskimage/qcow2")
+    if name and name.lower() not in ("yes", "true") and name.endswith(".qcow2"):
+        if "/" in name or "@" in name:
+            raise ConfigError(
+                f"{spec.where('diskimage/qcow2')}: '{name}' is not a plain file name"
+                " (or has an unexpanded placeholder)",
+                hint="write a file name such as di-amd64-console-@TIMESTAMP@.qcow2",
+            )
+        return name
+    return f"di-{arch.value}-{variant.file_part}-{stamp}.qcow2"
