@@ -128,8 +128,7 @@ def _cmd_standin(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(verbose=args.debug)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "standin": _cmd_standin}
     try:
         return commands[args.command](args)
@@ -138,3 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         logger.error("error: %s", exc)
         return exc.exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -45,11 +45,6 @@ def find_tool(name: str) -> str:
     """Return the path of host program ``name`` or raise ToolMissingError naming its package."""
     path = shutil.which(name)
     if path is None:
-        # Tools in sbin are often not on a normal user's PATH.
-        for directory in ("/usr/sbin", "/sbin"):
-            candidate = Path(directory) / name
-            if candidate.exists() and os.access(candidate, os.X_OK):
-                return str(candidate)
         debian, gentoo = HOST_TOOLS.get(name, ("?", "?"))
         raise ToolMissingError(
             f"required host tool '{name}' is not installed",
@@ -61,7 +56,7 @@ def find_tool(name: str) -> str:
 
 def require_tools(*names: str) -> None:
     """Fail before a step starts if any of ``names`` is missing (all reported at once)."""
-    missing = [name for name in names if shutil.which(name) is None and not _in_sbin(name)]
+    missing = [name for name in names if shutil.which(name) is None]
     if not missing:
         return
     packages = sorted({HOST_TOOLS.get(n, ("?", "?"))[0] for n in missing})
@@ -71,10 +66,6 @@ def require_tools(*names: str) -> None:
         hint=f"Debian/Ubuntu: apt-get install {' '.join(packages)}; Gentoo: emerge {' '.join(gentoo)}"
         " (or run ci/setup)",
     )
-
-
-def _in_sbin(name: str) -> bool:
-    return any((Path(d) / name).exists() for d in ("/usr/sbin", "/sbin"))
 
 
 def run(

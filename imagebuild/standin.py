@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 from imagebuild.config import Arch
@@ -28,6 +29,8 @@ NOTICE = (
     "mmdebstrap so images can be built and boot-tested without access to Gentoo's mirrors.\n"
     "It is not Gentoo.\n"
 )
+
+HOSTNAME_HOOK = 'echo localhost > "$1/etc/hostname"'
 
 _COMMON_PACKAGES = [
     "systemd-sysv",
@@ -61,6 +64,7 @@ def recipe(arch: Arch) -> dict[str, object]:
         "arch": arch.debian,
         "packages": sorted(_COMMON_PACKAGES + _ARCH_PACKAGES[arch]),
         "notice": NOTICE,
+        "hooks": [HOSTNAME_HOOK],
     }
 
 
@@ -104,10 +108,10 @@ def _build_standin(arch: Arch, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     spec = recipe(arch)
-    notice_hook = (
-        'printf "%s" "$NOTICE" > "$1/etc/imagebuild-standin"'
-    )
-    with complete_step(f"Building the {arch.value} stand-in stage with mmdebstrap (cached afterwards)"):
+    with complete_step(f"Building the {arch.value} stand-in stage with mmdebstrap (cached afterwards)"), \
+            tempfile.TemporaryDirectory(prefix="imagebuild-standin-") as scratch:
+        notice = Path(scratch) / "imagebuild-standin"
+        notice.write_text(NOTICE)
         try:
             run(
                 [
@@ -116,11 +120,13 @@ def _build_standin(arch: Arch, path: Path) -> None:
                     f"--arch={spec['arch']}",
                     f"--include={','.join(spec['packages'])}",  # type: ignore[arg-type]
                     "--format=tar",
-                    f"--customize-hook={notice_hook}",
+                    f"--customize-hook=copy-in {notice} /etc",
+                    # mmdebstrap leaves the build host's name in /etc/hostname.
+                    f"--customize-hook={HOSTNAME_HOOK}",
                     str(spec["suite"]),
                     partial,
                 ],
-                env={"NOTICE": NOTICE, "TMPDIR": os.environ.get("TMPDIR", "/tmp")},
+                env={"TMPDIR": os.environ.get("TMPDIR", "/tmp")},
             )
             partial.rename(path)
         finally:

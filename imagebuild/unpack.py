@@ -48,11 +48,9 @@ def _member_path(name: str, tarball: Path) -> PurePosixPath:
 def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
     """A decompressed byte stream of ``tarball``; zstd goes through the zstd program."""
     with open(tarball, "rb") as raw:
-        magic = raw.read(6)
-        raw.seek(0)
-        if magic[:4] == b"\x28\xb5\x2f\xfd":
+        if raw.read(4) == b"\x28\xb5\x2f\xfd":
             proc = subprocess.Popen(
-                [find_tool("zstd"), "-dc", "-q"], stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                [find_tool("zstd"), "-dc", "-q", "--", tarball], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
             )
             assert proc.stdout is not None
             try:
@@ -62,6 +60,7 @@ def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
                 proc.kill()
                 proc.wait()
         else:
+            raw.seek(0)
             yield raw
 
 

@@ -1,0 +1,115 @@
+"""The disk layout with the real tools on sparse files: pyparted, sgdisk, mkfs, mtools, loop mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import loop_devices, mounts_under, require_root, require_tools
+from imagebuild.config import Arch, ImageLayout, MiB
+from imagebuild.disk import DPS_ROOT_TYPE, Identifiers, check_fits, make_esp, make_root, partition_image
+from imagebuild.errors import ImageError
+
+pytestmark = pytest.mark.integration
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    require_root()
+    require_tools("sgdisk", "sfdisk", "mkfs.vfat", "mkfs.xfs", "mcopy", "mdir", "losetup", "blkid")
+
+
+def _sfdisk(raw: Path) -> dict:
+    out = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["partitiontable"]
+
+
+def test_partition_table(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    layout = ImageLayout(size=2048 * MiB)
+    os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
+    try:
+        ids = Identifiers.make("di-amd64-console-x.qcow2")
+        again = Identifiers.make("di-amd64-console-x.qcow2")
+    finally:
+        del os.environ["SOURCE_DATE_EPOCH"]
+    assert ids == again, "identifiers must be reproducible under SOURCE_DATE_EPOCH"
+    disk = partition_image(raw, layout, Arch.amd64, ids)
+    assert raw.stat().st_size == 2048 * MiB
+    assert raw.stat().st_blocks * 512 < 4 * MiB, "the raw image must stay sparse"
+    table = _sfdisk(raw)
+    assert table["label"] == "gpt"
+    assert table["id"].lower() == ids.disk_guid
+    esp, root = table["partitions"]
+    assert (esp["start"], esp["size"]) == (2048, 512 * MiB // 512)
+    assert esp["type"] == ESP_TYPE and esp["name"] == "gentooefi"
+    assert esp["uuid"].lower() == ids.esp_guid
+    assert root["type"] == DPS_ROOT_TYPE[Arch.amd64] and root["name"] == "gentooroot"
+    assert root["start"] == esp["start"] + esp["size"]
+    assert root["start"] % 2048 == 0 and (root["start"] + root["size"]) % 2048 == 0
+    assert disk.root.offset == root["start"] * 512 and disk.root.size == root["size"] * 512
+
+
+def test_filesystems_are_made_and_filled(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    layout = ImageLayout(size=1024 * MiB, esp_size=128 * MiB)
+    ids = Identifiers.make("test.qcow2")
+    disk = partition_image(raw, layout, Arch.arm64, ids)
+    esp_tree = tmp_path / "esp"
+    (esp_tree / "EFI/BOOT").mkdir(parents=True)
+    (esp_tree / "EFI/BOOT/BOOTAA64.EFI").write_bytes(b"MZ" + b"\0" * 4000)
+    (esp_tree / "grub").mkdir()
+    (esp_tree / "grub/grub.cfg").write_text("set timeout=1\n")
+    root_tree = tmp_path / "root"
+    (root_tree / "usr/bin").mkdir(parents=True)
+    (root_tree / "usr/bin/ping").write_bytes(b"ping")
+    os.setxattr(root_tree / "usr/bin/ping", "security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    os.link(root_tree / "usr/bin/ping", root_tree / "usr/bin/ping6")
+    (root_tree / "bin").symlink_to("usr/bin")
+    (root_tree / "boot").mkdir()
+    before = loop_devices()
+    make_esp(raw, disk.esp, layout, ids, esp_tree)
+    make_root(raw, disk.root, layout, ids, root_tree, tmp_path / "mnt")
+    assert loop_devices() == before, "loop devices must be detached"
+    assert mounts_under(tmp_path) == []
+
+    listing = subprocess.run(["mdir", "-/", "-b", "-i", f"{raw}@@{disk.esp.offset}", "::/"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    assert "::/EFI/BOOT/BOOTAA64.EFI" in listing and "::/grub/grub.cfg" in listing
+    esp_info = subprocess.run(["blkid", "-p", "-O", str(disk.esp.offset), "-o", "export", str(raw)],
+                              capture_output=True, text=True, check=True).stdout
+    assert "LABEL=gentooefi" in esp_info and "TYPE=vfat" in esp_info and f"UUID={ids.esp_uuid}" in esp_info
+    root_info = subprocess.run(["blkid", "-p", "-O", str(disk.root.offset), "-o", "export", str(raw)],
+                               capture_output=True, text=True, check=True).stdout
+    assert "LABEL=gentooroot" in root_info and "TYPE=xfs" in root_info and f"UUID={ids.root_uuid}" in root_info
+
+    mnt = tmp_path / "check"
+    mnt.mkdir()
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(disk.root.offset),
+                           "--sizelimit", str(disk.root.size), str(raw)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
+        try:
+            assert (mnt / "usr/bin/ping").stat().st_ino == (mnt / "usr/bin/ping6").stat().st_ino
+            assert os.getxattr(mnt / "usr/bin/ping", "security.capability")[:4] == bytes.fromhex("01000002")
+            assert os.readlink(mnt / "bin") == "usr/bin"
+            assert (mnt / "boot").is_dir() and not any((mnt / "boot").iterdir())
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_tree_too_big_for_the_partition(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="needs about 2048 MiB but the partition holds only 1024 MiB") as info:
+        check_fits("root filesystem", 2048 * MiB, 1024 * MiB, "--size")
+    assert "--size" in str(info.value)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from imagebuild.config import Arch, GiB, ImageLayout, MiB, Variant, parse_size
+from imagebuild.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("text, size", [("20GiB", 20 * GiB), ("20G", 20 * GiB), ("512MiB", 512 * MiB),
+                                        ("512M", 512 * MiB), ("4096", 4096), ("1.5GiB", 3 * GiB // 2),
+                                        ("10GB", 10 * 1000**3)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "big", "20 parsecs", "-1G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_size(text)
+
+
+def test_arch_and_variant_names() -> None:
+    assert Arch.parse("arm64").efi_binary == "BOOTAA64.EFI"
+    assert Arch.parse("amd64").serial_console == "ttyS0"
+    assert Variant.parse("cloudinit") is Variant.cloudinit
+    assert Variant.cloudinit.file_part == "cloudinit"
+    with pytest.raises(ConfigError, match="unknown architecture 'riscv'") as info:
+        Arch.parse("riscv")
+    assert "amd64, arm64" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown image variant 'desktop'"):
+        Variant.parse("desktop")
+
+
+def test_layout_validation() -> None:
+    ImageLayout().validate()
+    with pytest.raises(ConfigError, match="sector size 1024"):
+        ImageLayout(sector_size=1024).validate()
+    with pytest.raises(ConfigError, match="no room for a root"):
+        ImageLayout(size=600 * MiB).validate()
+    with pytest.raises(ConfigError, match="'ext4'"):
+        ImageLayout(root_fstype="ext4").validate()
