@@ -6,9 +6,11 @@ on a loop device and filled with mtools; the root is XFS, filled through a loop 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import parted
@@ -105,7 +107,10 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
         partition.set_name(name)
         if flag is not None:
             partition.setFlag(flag)  # on GPT this sets the ESP type GUID
-    disk.commit()
+    with _stderr_silenced():
+        # libparted runs "udevadm settle" after writing, which is absent (and pointless)
+        # for a plain file; its "not found" on stderr would only alarm people.
+        disk.commit()
     # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sgdisk can.
     run([
         "sgdisk",
@@ -119,6 +124,19 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
         esp=Partition(1, esp_start * sector, (esp_end - esp_start + 1) * sector),
         root=Partition(2, root_start * sector, (root_end - root_start + 1) * sector),
     )
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def tree_size(root: Path) -> int:
