@@ -19,6 +19,7 @@ from imagebuild.config import BuildConfig, InitSystem, Variant
 from imagebuild.configure import (
     Kernel,
     clean_tree,
+    configure_cloudinit,
     configure_console,
     detect_init,
     find_kernel,
@@ -134,7 +135,7 @@ def configure(ctx: Context) -> None:
         if config.variant == Variant.console:
             configure_console(ctx.root, config.arch, ctx.init)
         else:
-            raise ConfigError("the cloud-init variant is not implemented yet", hint="build the console variant")
+            configure_cloudinit(ctx.root, config.arch, ctx.init, config.image_name)
 
 
 def install_bootloader(ctx: Context) -> None:

@@ -144,6 +144,79 @@ def configure_console(root: Path, arch: Arch, init: InitSystem) -> None:
         )
 
 
+# cloud-init's systemd units changed names across releases (cloud-init-main and
+# cloud-init-network since 24.3); enable whichever the installed cloud-init ships.
+_CLOUD_INIT_UNITS = (
+    "cloud-init-main.service",
+    "cloud-init-local.service",
+    "cloud-init-network.service",
+    "cloud-init.service",
+    "cloud-config.service",
+    "cloud-final.service",
+)
+_CLOUD_INIT_OPENRC = ("cloud-init-local", "cloud-init", "cloud-config", "cloud-final")
+_SSH_UNITS = ("sshd.service", "ssh.service")
+
+DEFAULT_CLOUD_USER = "gentoo"
+
+
+def configure_cloudinit(root: Path, arch: Arch, init: InitSystem, image_name: str) -> None:
+    """cloud-init enabled with the repository's configuration, network and sshd on, all accounts locked."""
+    if not (root / "usr/bin/cloud-init").exists():
+        raise StageError(
+            "the stage has no cloud-init (/usr/bin/cloud-init is missing)",
+            hint="use a diskimage seed with app-emulation/cloud-init installed "
+            "(releng's diskimage-stage1-cloudinit.spec lists it)",
+        )
+    lock_all_accounts(root)
+    (root / "etc/cloud/cloud-init.disabled").unlink(missing_ok=True)
+    config_dir = root / "etc/cloud/cloud.cfg.d"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "90-imagebuild.cfg").write_text(render(
+        "cloud-init/90-imagebuild.cfg.j2", image_name=image_name, default_user=DEFAULT_CLOUD_USER,
+        init=init.value,
+    ))
+    if init != InitSystem.systemd:
+        raise StageError(
+            "OpenRC stages are not supported yet for the cloud-init variant",
+            hint="use a systemd stage (profile .../systemd) for now",
+        )
+    network_dir = root / "etc/systemd/network"
+    network_dir.mkdir(parents=True, exist_ok=True)
+    (network_dir / "80-imagebuild-dhcp.network").write_text(
+        render("dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration.")
+    )
+    units = _units_present(root, _CLOUD_INIT_UNITS)
+    if not units:
+        raise StageError(
+            "the stage's cloud-init ships none of the systemd units imagebuild knows "
+            f"({', '.join(_CLOUD_INIT_UNITS)})",
+            hint="check the stage's cloud-init installation (USE=systemd?)",
+        )
+    ssh = _units_present(root, _SSH_UNITS)
+    if not ssh:
+        raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
+                         hint="use a seed with net-misc/openssh installed")
+    with chroot_mounts(root):
+        chroot_run(root, ["systemctl", "enable", "systemd-networkd.service", ssh[0], *units])
+
+
+def lock_all_accounts(root: Path) -> None:
+    """No password works anywhere: every shadow entry gets a '!' lock (root's hash goes)."""
+    shadow = root / "etc/shadow"
+    lines = []
+    for line in shadow.read_text().splitlines(keepends=True):
+        fields = line.split(":")
+        if len(fields) > 1:
+            password = fields[1]
+            if fields[0] == "root":
+                fields[1] = "!"
+            elif not password.startswith(("!", "*")):
+                fields[1] = "!" + password
+        lines.append(":".join(fields))
+    shadow.write_text("".join(lines))
+
+
 def _set_root_password_field(root: Path, value: str) -> None:
     shadow = root / "etc/shadow"
     if not shadow.is_file():

@@ -94,19 +94,25 @@ def run(
         full_env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
     full_env.update(env or {})
     logger.debug("+ %s", shlex.join(argv))
+    proc = subprocess.Popen(
+        argv,
+        env=full_env,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+    )
     try:
-        result = subprocess.run(
-            argv,
-            env=full_env,
-            input=input,
-            stdout=stdout if stdout is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            timeout=timeout,
-            check=False,
-        )
+        out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
+        _stop(proc)
         raise CommandError(f"command timed out after {timeout}s: {shlex.join(argv)}") from exc
+    except BaseException:
+        # Interrupted (SIGINT/SIGTERM): let the child clean up after itself (mmdebstrap
+        # unmounts its chroot on SIGTERM), then make sure it is gone.
+        _stop(proc)
+        raise
+    result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and result.returncode != 0:
         stderr = result.stderr.decode(errors="replace").strip()
         raise CommandError(
@@ -114,6 +120,16 @@ def run(
             + (f"\n{_indent(stderr)}" if stderr else "")
         )
     return result
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _indent(text: str, limit: int = 40) -> str:

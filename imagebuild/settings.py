@@ -13,9 +13,8 @@ from pathlib import Path
 
 from imagebuild.config import Arch, BuildConfig, Compression, ImageLayout, Variant, parse_size
 from imagebuild.errors import ConfigError
+from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
-
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +37,10 @@ class Overrides:
 
 
 def default_spec(arch: Arch, variant: Variant) -> Path:
-    """The shipped spec for arch × variant (package data when installed, specs/ in a checkout)."""
-    for base in (PACKAGE_DIR / "specs", PACKAGE_DIR.parent / "specs"):
-        candidate = base / arch.value / f"{variant.value}.spec"
-        if candidate.is_file():
-            return candidate
+    """The shipped spec for arch × variant."""
+    candidate = shipped_dir("specs") / arch.value / f"{variant.value}.spec"
+    if candidate.is_file():
+        return candidate
     raise ConfigError(
         f"no shipped spec for {arch.value} {variant.value}",
         hint="pass one with --spec FILE",

@@ -47,6 +47,7 @@ _COMMON_PACKAGES = [
     "cloud-init",
     "cloud-guest-utils",
     "openssh-server",
+    "sudo",
 ]
 _ARCH_PACKAGES = {
     Arch.amd64: ["linux-image-amd64", "grub-efi-amd64-bin"],
