@@ -115,8 +115,11 @@ def _write_if_missing(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def _units_present(root: Path, names: tuple[str, ...]) -> list[str]:
-    return [n for n in names if any((root / d / n).exists() or (root / d / n).is_symlink() for d in _UNIT_DIRS)]
+def _units_present(root: Path, names: tuple[str, ...], *, vendor_only: bool = False) -> list[str]:
+    """The unit names of ``names`` that exist; ``vendor_only`` skips /etc (aliases such as
+    Debian's sshd.service -> ssh.service, which systemctl refuses to enable)."""
+    dirs = _UNIT_DIRS[1:] if vendor_only else _UNIT_DIRS
+    return [n for n in names if any((root / d / n).exists() or (root / d / n).is_symlink() for d in dirs)]
 
 
 def configure_console(root: Path, arch: Arch, init: InitSystem) -> None:
@@ -186,14 +189,14 @@ def configure_cloudinit(root: Path, arch: Arch, init: InitSystem, image_name: st
     (network_dir / "80-imagebuild-dhcp.network").write_text(
         render("dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration.")
     )
-    units = _units_present(root, _CLOUD_INIT_UNITS)
+    units = _units_present(root, _CLOUD_INIT_UNITS, vendor_only=True)
     if not units:
         raise StageError(
             "the stage's cloud-init ships none of the systemd units imagebuild knows "
             f"({', '.join(_CLOUD_INIT_UNITS)})",
             hint="check the stage's cloud-init installation (USE=systemd?)",
         )
-    ssh = _units_present(root, _SSH_UNITS)
+    ssh = _units_present(root, _SSH_UNITS, vendor_only=True)
     if not ssh:
         raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
                          hint="use a seed with net-misc/openssh installed")

@@ -132,3 +132,8 @@ def _build_standin(arch: Arch, path: Path) -> None:
             partial.rename(path)
         finally:
             partial.unlink(missing_ok=True)
+    # Stand-ins of older recipes for this arch are never used again.
+    for stale in path.parent.glob(f"standin-debian-bookworm-{arch.value}-*.tar"):
+        if stale != path:
+            logger.info("  removing the stand-in of an older recipe: %s", stale.name)
+            stale.unlink()
