@@ -1,0 +1,179 @@
+"""Check clearsigned files (Gentoo's DIGESTS and latest-stage3 pointers) with GnuPG.
+
+The user controls the keyring: imagebuild ships no key (it could not be checked offline
+anyway) and never fetches one. Verification runs in a throwaway GnuPG home, so the user's
+own ~/.gnupg, trust database and agent are never touched, and only the text inside the
+signature is returned: anything a mirror puts around the signed block is dropped by gpg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+from imagebuild.errors import StageError
+from imagebuild.log import logger
+from imagebuild.run import find_tool, run
+
+# "Gentoo Linux Release Engineering (Automated Weekly Release Key) <releng@gentoo.org>",
+# long key id BB572E0E2D182910; it signs the weekly autobuilds (stage3 DIGESTS and the
+# latest-*.txt pointers). Published on https://www.gentoo.org/downloads/signatures/ and in
+# the Handbook's "Verifying the downloaded files"; shipped on Gentoo by
+# sec-keys/openpgp-keys-gentoo-release as /usr/share/openpgp-keys/gentoo-release.asc.
+GENTOO_RELEASE_KEY_FINGERPRINT = "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910"
+
+KEYRING_NAME = "gentoo-release.gpg"
+SYSTEM_KEYRING = Path("/etc/imagebuild") / KEYRING_NAME
+
+
+def user_keyring() -> Path:
+    """``$XDG_CONFIG_HOME/imagebuild/gentoo-release.gpg`` (``~/.config/...`` by default)."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home) / "imagebuild" / KEYRING_NAME
+
+
+def keyring_how_to() -> str:
+    """How a user gets Gentoo's release key into a keyring imagebuild finds."""
+    return (
+        f"get Gentoo's release key (fingerprint {GENTOO_RELEASE_KEY_FINGERPRINT}) and export it to "
+        f"{user_keyring()} or {SYSTEM_KEYRING}: on Gentoo, "
+        f"'gpg --dearmor -o {user_keyring()} /usr/share/openpgp-keys/gentoo-release.asc' "
+        "(from sec-keys/openpgp-keys-gentoo-release); elsewhere "
+        f"'gpg --keyserver hkps://keys.gentoo.org --recv-keys {GENTOO_RELEASE_KEY_FINGERPRINT}' then "
+        f"'gpg --export {GENTOO_RELEASE_KEY_FINGERPRINT} > {user_keyring()}' (check the fingerprint "
+        "against https://www.gentoo.org/downloads/signatures/). Or pass another keyring file "
+        "(binary or ASCII-armored) as keyring"
+    )
+
+
+def find_keyring(keyring: Path | None) -> Path:
+    """The keyring to check against: ``keyring`` if given, else the user's, else the system's."""
+    if keyring is not None:
+        path = Path(keyring).expanduser()
+        if not path.is_file():
+            raise StageError(f"keyring {path} does not exist or is not a file", hint=keyring_how_to())
+        return path
+    for candidate in (user_keyring(), SYSTEM_KEYRING):
+        if candidate.is_file():
+            return candidate
+    raise StageError(
+        f"no keyring to verify Gentoo's signatures with (looked for {user_keyring()} and {SYSTEM_KEYRING})",
+        hint=keyring_how_to(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """The signed text of a clearsigned file and who signed it."""
+
+    text: str
+    signing_key: str  # fingerprint of the (sub)key that made the signature
+    primary_key: str  # fingerprint of its primary key
+
+
+def verify_clearsigned(signed: bytes, keyring: Path, *, what: str) -> Verified:
+    """Verify clearsigned ``signed`` (``what`` names it in messages) against ``keyring``.
+
+    Returns only the text inside the signature. A bad signature, a key missing from the
+    keyring, an expired or revoked key and an unsigned file each raise their own StageError.
+    """
+    gpg = find_tool("gpg")
+    with tempfile.TemporaryDirectory(prefix="imagebuild-gpg-") as home:
+        home_dir = Path(home)
+        # A copy in the throwaway home: gpg takes locks beside its keyrings, and the user's
+        # keyring may live in a read-only place such as /etc.
+        ring = home_dir / "keyring.gpg"
+        _load_keyring(gpg, keyring, ring, home_dir)
+        signed_path = home_dir / "signed"
+        signed_path.write_bytes(signed)
+        plain_path = home_dir / "plain"
+        result = run(
+            [gpg, "--homedir", home_dir, "--batch", "--no-tty", "--no-default-keyring",
+             "--keyring", ring, "--trust-model", "always", "--no-auto-key-retrieve",
+             "--status-fd", "1", "--output", plain_path, "--verify", signed_path],
+            env={"GNUPGHOME": str(home_dir)},
+            check=False,
+        )
+        status = _status_lines(result.stdout)
+        verdict = _judge(status, result.returncode, what=what, keyring=keyring)
+        if verdict is not None:
+            raise verdict
+        validsig = status["VALIDSIG"][0]
+        text = plain_path.read_bytes().decode("utf-8", errors="replace")
+    signing_key, primary_key = validsig[0], validsig[-1]
+    logger.debug("  good signature on %s by key %s (primary %s)", what, signing_key, primary_key)
+    return Verified(text=text, signing_key=signing_key, primary_key=primary_key)
+
+
+def _load_keyring(gpg: str, keyring: Path, ring: Path, home: Path) -> None:
+    try:
+        data = keyring.read_bytes()
+    except OSError as exc:
+        raise StageError(f"cannot read keyring {keyring}: {exc.strerror}", hint=keyring_how_to()) from exc
+    if b"-----BEGIN PGP PUBLIC KEY BLOCK-----" in data[:4096]:
+        # gpg --keyring reads binary keyrings and keyboxes only; Gentoo ships .asc.
+        run([gpg, "--homedir", home, "--batch", "--no-tty", "--dearmor", "--output", ring, keyring],
+            env={"GNUPGHOME": str(home)})
+    else:
+        ring.write_bytes(data)
+
+
+def _status_lines(stdout: bytes) -> dict[str, list[list[str]]]:
+    """``[GNUPG:] KEYWORD args...`` lines from --status-fd, grouped by keyword."""
+    status: dict[str, list[list[str]]] = {}
+    for line in stdout.decode("utf-8", errors="replace").splitlines():
+        if not line.startswith("[GNUPG:] "):
+            continue
+        keyword, *args = line[len("[GNUPG:] "):].split(" ")
+        status.setdefault(keyword, []).append(args)
+    return status
+
+
+def _judge(status: dict[str, list[list[str]]], returncode: int, *, what: str, keyring: Path) -> StageError | None:
+    """None when exactly one good, current signature by a key in the keyring covers the file."""
+    if "BADSIG" in status:
+        key = status["BADSIG"][0]
+        return StageError(
+            f"BAD signature on {what}: made by key {key[0]} ({' '.join(key[1:])}) but the content "
+            "does not match it — the file was altered or corrupted",
+            hint="do not use this download; try again later or from another mirror, and report it "
+            "to the mirror's operators if it persists",
+        )
+    if "NO_PUBKEY" in status or any(err[5:6] == ["9"] for err in status.get("ERRSIG", [])):
+        key = status["NO_PUBKEY"][0][0] if "NO_PUBKEY" in status else status["ERRSIG"][0][0]
+        fingerprint = next((e[6] for e in status.get("ERRSIG", []) if len(e) > 6 and e[6] != "-"), None)
+        return StageError(
+            f"{what} is signed by key {key}{f' (fingerprint {fingerprint})' if fingerprint else ''}, "
+            f"which is not in keyring {keyring}",
+            hint="if this is the mirror you meant, the keyring may be out of date; otherwise do not "
+            f"trust this file. Gentoo's autobuilds are signed by {GENTOO_RELEASE_KEY_FINGERPRINT}; "
+            + keyring_how_to(),
+        )
+    if "ERRSIG" in status:
+        key = status["ERRSIG"][0]
+        code = key[5] if len(key) > 5 else "?"
+        return StageError(f"cannot check the signature on {what} (key {key[0]}, gpg error code {code})",
+                          hint="the signature uses an algorithm this GnuPG cannot check; update GnuPG")
+    if "EXPKEYSIG" in status:
+        key = status["EXPKEYSIG"][0][0]
+        return StageError(f"{what} is signed by key {key}, which has expired in keyring {keyring}",
+                          hint="refresh the key (Gentoo extends its expiry) — " + keyring_how_to())
+    if "REVKEYSIG" in status:
+        key = status["REVKEYSIG"][0][0]
+        return StageError(f"{what} is signed by key {key}, which is REVOKED in keyring {keyring}",
+                          hint="do not use this download; check Gentoo's announcements for the current key")
+    if "EXPSIG" in status:
+        return StageError(f"the signature on {what} has expired", hint="use a current release")
+    if "NEWSIG" not in status or "NODATA" in status:
+        return StageError(f"{what} is not PGP-signed",
+                          hint="the mirror must serve Gentoo's clearsigned file; check the mirror URL")
+    if len(status["NEWSIG"]) != 1:
+        return StageError(f"{what} carries {len(status['NEWSIG'])} signatures; exactly one is expected",
+                          hint="do not use this download; try another mirror")
+    if returncode != 0 or "GOODSIG" not in status or "VALIDSIG" not in status:
+        errors = " ".join(" ".join(e) for e in status.get("ERROR", [])) or f"exit status {returncode}"
+        return StageError(f"gpg could not verify {what} ({errors})",
+                          hint="do not use this download; try again or from another mirror")
+    return None

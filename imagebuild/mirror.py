@@ -1,0 +1,430 @@
+"""Fetch the latest stage3 from a Gentoo mirror, the way Gentoo publishes it, and verify it.
+
+Under ``<mirror>/releases/<arch>/autobuilds/``, ``latest-stage3-<flavour>.txt`` (clearsigned)
+names ``<stamp>/stage3-<flavour>-<stamp>.tar.xz <size>``; beside the tarball,
+``<tarball>.DIGESTS`` (clearsigned, written by Catalyst) has ``# BLAKE2B HASH`` and
+``# SHA512 HASH`` sections of ``<hex>  <file name>`` lines.
+
+Both signed files are checked with GnuPG against a keyring the user controls (imagebuild.gpg);
+only the text inside the signatures is read. The tarball is downloaded, resumably, to
+``<cache>/downloads/<name>.partial``, checked against the pointer's size and every SHA512 and
+BLAKE2B digest the DIGESTS file gives, and only then renamed to ``<cache>/stages/<name>`` with
+a ``<name>.verified.json`` record of its digests; a later fetch whose verified DIGESTS names
+the same digests reuses it without downloading.
+
+Failure leaves nothing in ``stages/``. A transfer cut short (dropped connection, timeout,
+Ctrl-C) keeps its ``.partial`` so the next run resumes it with an HTTP Range request; a
+partial that turns out wrong (too long, digest mismatch) is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from imagebuild import __version__
+from imagebuild.config import Arch
+from imagebuild.errors import StageError
+from imagebuild.gpg import find_keyring, verify_clearsigned
+from imagebuild.log import complete_step, logger
+from imagebuild.run import find_tool
+
+DEFAULT_MIRROR = "https://distfiles.gentoo.org"
+
+# Seconds a connection may stay silent before the transfer counts as stalled. A whole
+# stage3 takes minutes, but a healthy mirror never goes a minute without sending a byte.
+HTTP_TIMEOUT = 60.0
+# The pointer and DIGESTS files are a few kB; refuse to buffer anything much larger.
+SMALL_FILE_LIMIT = 1 << 20
+CHUNK = 1 << 16
+
+# The digests we check; Catalyst writes them with hashlib.new(name) (BLAKE2B is blake2b-512).
+ALGORITHMS = {"sha512": hashlib.sha512, "blake2b": hashlib.blake2b}
+
+_REACH_HINT = "check the mirror URL and that this machine can reach it; try again, or use another mirror"
+_SYNC_HINT = "the mirror may be mid-sync; try again later or use another mirror"
+
+_FLAVOUR = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
+_PATH_CHARS = re.compile(r"[A-Za-z0-9._+/-]+")
+_STAMP_SUFFIX = re.compile(r"-(@[A-Z_]+@|\d{8}(T\d{6}Z)?|latest)$")
+_TARBALL_SUFFIXES = (".tar.xz", ".tar.bz2", ".tar.gz", ".tar.zst", ".tar")
+
+
+def flavour_from_source_subpath(text: str) -> str:
+    """``23.0-default/stage3-amd64-nomultilib-systemd-@TIMESTAMP@`` -> ``amd64-nomultilib-systemd``.
+
+    Accepts what releng and Catalyst users write: a ``@TIMESTAMP@`` placeholder or an expanded
+    stamp, ``-latest``, or no stamp, with or without a tarball suffix.
+    """
+    name = PurePosixPath(text.strip()).name
+    for suffix in _TARBALL_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if not name.startswith("stage3-"):
+        raise StageError(
+            f"source_subpath '{text}' does not name a stage3, so it cannot come from a mirror",
+            hint="only stage3 seeds are published on Gentoo's mirrors; give the seed as a local "
+            "tarball with --stage FILE",
+        )
+    flavour = _STAMP_SUFFIX.sub("", name.removeprefix("stage3-"))
+    if not _FLAVOUR.fullmatch(flavour):
+        raise StageError(f"cannot tell the stage3 flavour from source_subpath '{text}'",
+                         hint="expected something like 23.0-default/stage3-amd64-openrc-@TIMESTAMP@")
+    return flavour
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePointer:
+    """One ``path size`` entry of a latest-stage3 file; ``path`` is relative to autobuilds/."""
+
+    path: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+
+def parse_pointer(text: str, flavour: str, *, what: str) -> StagePointer:
+    """The first entry of a (verified) latest-stage3 file that names a stage3-<flavour> tarball.
+
+    The name must be exactly ``stage3-<flavour>-<stamp>.tar.*``, so a signed pointer for
+    another flavour (``amd64-openrc-splitusr`` for ``amd64-openrc``) served in its place is refused.
+    """
+    wanted = re.compile(rf"stage3-{re.escape(flavour)}-\d{{8}}(T\d{{6}}Z)?\.tar(\.(xz|bz2|gz|zst))?")
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        path = PurePosixPath(fields[0])
+        if not wanted.fullmatch(path.name):
+            continue
+        if path.is_absolute() or ".." in path.parts or not _PATH_CHARS.fullmatch(fields[0]):
+            raise StageError(f"{what} line {number}: unsafe tarball path '{fields[0]}'",
+                             hint="do not use this mirror; report it to its operators")
+        if len(fields) < 2 or not fields[1].isdigit():
+            raise StageError(f"{what} line {number}: expected '<path> <size in bytes>', got '{line.strip()}'",
+                             hint="the mirror's pointer file is malformed; try another mirror")
+        return StagePointer(path=fields[0], size=int(fields[1]))
+    raise StageError(f"{what} names no stage3-{flavour} tarball",
+                     hint=_SYNC_HINT)
+
+
+def parse_digests(text: str, filename: str, *, what: str) -> dict[str, str]:
+    """SHA512 and BLAKE2B digests (lower-case hex) that a (verified) DIGESTS text gives ``filename``.
+
+    Other files (the .CONTENTS.gz) and other algorithms are ignored; at least one of the two
+    must be there, and an algorithm listed twice with different values is an error.
+    """
+    found: dict[str, str] = {}
+    algorithm: str | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            header = re.fullmatch(r"#\s*(\S+)\s+HASH", line, re.IGNORECASE)
+            algorithm = header.group(1).lower() if header else None
+            continue
+        fields = line.split()
+        if algorithm not in ALGORITHMS or len(fields) != 2:
+            continue
+        hexdigest, name = fields[0].lower(), PurePosixPath(fields[1].lstrip("*")).name
+        if name != filename:
+            continue
+        if not re.fullmatch(r"[0-9a-f]{128}", hexdigest):
+            raise StageError(f"{what}: malformed {algorithm.upper()} digest for {filename}",
+                             hint="the DIGESTS file is damaged; try another mirror")
+        if found.setdefault(algorithm, hexdigest) != hexdigest:
+            raise StageError(f"{what} gives {filename} two different {algorithm.upper()} digests",
+                             hint="do not use this download; try another mirror")
+    if not found:
+        raise StageError(f"{what} lists no SHA512 or BLAKE2B digest for {filename}",
+                         hint=f"the DIGESTS file does not belong to this tarball; {_SYNC_HINT}")
+    return found
+
+
+def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
+                keyring: Path | None = None, progress: bool = True) -> Path:
+    """The verified latest stage3-<flavour> tarball for ``arch`` from the mirror at ``base_url``.
+
+    Downloads it (resuming a partial download) unless the cache already holds a file with the
+    digests of the current release. ``keyring`` defaults to imagebuild.gpg.find_keyring's choice.
+    """
+    if not _FLAVOUR.fullmatch(flavour):
+        raise StageError(f"invalid stage3 flavour '{flavour}'", hint="for example amd64-openrc or arm64-systemd")
+    keyring_path = find_keyring(keyring)  # before any network traffic: fail fast without a key
+    find_tool("gpg")
+    cache_dir = Path(cache_dir)
+    autobuilds = f"{base_url.rstrip('/')}/releases/{arch.value}/autobuilds"
+    pointer_url = f"{autobuilds}/latest-stage3-{flavour}.txt"
+    with complete_step(f"Fetching the latest stage3-{flavour} from {base_url}"):
+        signed = _get_small(pointer_url, hint=f"check the mirror URL and that Gentoo publishes a "
+                            f"stage3-{flavour} for {arch.value} (releases/{arch.value}/autobuilds/)")
+        pointer = parse_pointer(verify_clearsigned(signed, keyring_path, what=pointer_url).text,
+                                flavour, what=pointer_url)
+        tarball_url = f"{autobuilds}/{pointer.path}"
+        digests_url = f"{tarball_url}.DIGESTS"
+        signed = _get_small(digests_url, hint=_SYNC_HINT)
+        verified = verify_clearsigned(signed, keyring_path, what=digests_url)
+        digests = parse_digests(verified.text, pointer.name, what=digests_url)
+        logger.info("  %s (%s), signed by %s", pointer.name, _mib(pointer.size), verified.primary_key)
+
+        stages, downloads = cache_dir / "stages", cache_dir / "downloads"
+        try:
+            downloads.mkdir(parents=True, exist_ok=True)
+            with _download_lock(downloads / f"{pointer.name}.lock"):
+                cached = _cached_stage(stages / pointer.name, pointer.size, digests)
+                if cached is not None:
+                    logger.info("  cache hit: %s", cached)
+                    return cached
+                partial = downloads / f"{pointer.name}.partial"
+                _download(tarball_url, partial, pointer.size, progress=progress)
+                actual = _check_digests(partial, digests, tarball_url)
+                record = {"name": pointer.name, "url": tarball_url, "size": pointer.size, "digests": actual,
+                          "signed_by": verified.primary_key,
+                          "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                return _store(partial, stages, record)
+        except OSError as exc:  # network errors are StageErrors by now: this is the local disk
+            raise StageError(f"cannot write the stage cache under {cache_dir}: {exc.strerror or exc}",
+                             hint="check free space and permissions, or choose another --cache-dir") from exc
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+def _request(url: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": f"imagebuild/{__version__}", **(headers or {})})
+    return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)  # noqa: S310 - URL is the mirror setting
+
+
+def _network_error(url: str, exc: BaseException, hint: str = _REACH_HINT) -> StageError:
+    """A StageError naming ``url`` and what went wrong, with ``hint`` saying what to do."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return StageError(f"{url}: the server answered HTTP {exc.code} {exc.reason}", hint=hint)
+    if isinstance(exc, urllib.error.URLError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    if isinstance(exc, TimeoutError):
+        what = f"no data for {HTTP_TIMEOUT:g}s (timed out)"
+    elif isinstance(exc, ConnectionRefusedError):
+        what = "connection refused"
+    elif isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, http.client.IncompleteRead)):
+        what = "the server closed the connection"
+    else:
+        what = str(exc) or type(exc).__name__
+    return StageError(f"cannot fetch {url}: {what}", hint=hint)
+
+
+def _get_small(url: str, *, hint: str) -> bytes:
+    """The body of a small file (pointer, DIGESTS), read whole."""
+    logger.debug("  GET %s", url)
+    try:
+        with _request(url) as response:
+            body = response.read(SMALL_FILE_LIMIT + 1)
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise _network_error(url, exc, hint) from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _network_error(url, exc) from exc
+    if len(body) > SMALL_FILE_LIMIT:
+        raise StageError(f"{url} is larger than {SMALL_FILE_LIMIT} bytes; that is not a Gentoo pointer or "
+                         "DIGESTS file", hint="check the mirror URL")
+    if length is not None and length.isdigit() and len(body) != int(length):
+        raise StageError(f"cannot fetch {url}: the server closed the connection after {len(body)} of "
+                         f"{length} bytes", hint="try again; if it persists, use another mirror")
+    return body
+
+
+def _download(url: str, partial: Path, size: int, *, progress: bool) -> None:
+    """Bring ``partial`` to ``size`` bytes from ``url``, resuming it with an HTTP Range request."""
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > size:  # cannot be the start of this release
+        partial.unlink()
+        have = 0
+    if have == size:
+        logger.info("  %s is complete from an earlier run; verifying it", partial.name)
+        return
+    resume_hint = f"run again to resume the download (kept in {partial}), or try another mirror"
+    response, have = _open_at(url, partial, have, size)
+    with response, open(partial, "ab" if have else "wb") as out, \
+            _Progress(partial.name.removesuffix(".partial"), size, have, enabled=progress) as bar:
+        while True:
+            try:
+                # read1 returns what has arrived, so a stall keeps every byte received before it.
+                chunk = response.read1(CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _network_error(url, exc, resume_hint) from exc
+            if not chunk:
+                break
+            if have + len(chunk) > size:
+                out.close()
+                partial.unlink()
+                raise StageError(f"{url} is longer than the {size} bytes the signed pointer file says",
+                                 hint=f"the partial download was deleted; {_SYNC_HINT}")
+            out.write(chunk)
+            have += len(chunk)
+            bar.update(have)
+    if have < size:
+        raise StageError(f"cannot fetch {url}: the server closed the connection after {have} of {size} bytes",
+                         hint=resume_hint)
+
+
+def _open_at(url: str, partial: Path, have: int, size: int) -> tuple[http.client.HTTPResponse, int]:
+    """A response that continues ``partial`` (206) or starts over (200), and the offset it starts at."""
+    try:
+        response = _request(url, {"Range": f"bytes={have}-"} if have else None)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and have:  # the server's file does not extend our partial one
+            logger.info("  the server refused to resume %s; starting over", partial.name)
+            partial.unlink()
+            return _open_at(url, partial, 0, size)
+        raise _network_error(url, exc, _SYNC_HINT) from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _network_error(url, exc) from exc
+    if have and response.status == 206:
+        start, total = _content_range(response.headers.get("Content-Range"))
+        if start == have and total in (None, size):
+            logger.info("  resuming %s at %s", partial.name, _mib(have))
+            return response, have
+        response.close()
+        partial.unlink()
+        raise StageError(f"{url}: the server resumed at the wrong place (Content-Range "
+                         f"{response.headers.get('Content-Range')!r} for byte {have})",
+                         hint="the partial download was deleted; run again to start over")
+    if have:
+        logger.info("  the server ignored the Range request; downloading %s from the start", partial.name)
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != size:
+        response.close()
+        raise StageError(f"{url} is {length} bytes but the signed pointer file says {size}",
+                         hint=_SYNC_HINT)
+    return response, 0
+
+
+def _content_range(header: str | None) -> tuple[int | None, int | None]:
+    """``bytes 100-999/1000`` -> (100, 1000); unknown parts are None."""
+    match = re.fullmatch(r"bytes\s+(\d+)-\d+/(\d+|\*)", (header or "").strip())
+    if not match:
+        return None, None
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) != "*" else None)
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; a line per quarter elsewhere; silent when disabled."""
+
+    def __init__(self, name: str, total: int, start: int, *, enabled: bool) -> None:
+        self.name, self.total, self.start = name, total, start
+        self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
+        self.began = self.shown = time.monotonic()
+        self.quarter = start * 4 // max(total, 1)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty and (now - self.shown >= 0.2 or done == self.total):
+            self.shown = now
+            rate = (done - self.start) / max(now - self.began, 1e-3)
+            percent = 100 * done // max(self.total, 1)
+            bar = "#" * (percent // 4) + "." * (25 - percent // 4)
+            sys.stderr.write(f"\r  [{bar}] {percent:3d}% {_mib(done)} of {_mib(self.total)} {_mib(int(rate))}/s ")
+            sys.stderr.flush()
+        elif not self.tty and done * 4 // max(self.total, 1) > self.quarter:
+            self.quarter = done * 4 // max(self.total, 1)
+            logger.info("  %s: %d%% (%s of %s)", self.name, 25 * self.quarter, _mib(done), _mib(self.total))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+# --- verification and the cache ------------------------------------------------------------
+
+def _hash_file(path: Path) -> dict[str, str]:
+    hashers = {name: make() for name, make in ALGORITHMS.items()}
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def _check_digests(partial: Path, expected: dict[str, str], url: str) -> dict[str, str]:
+    """Every digest DIGESTS gives must match; on a mismatch the partial file is deleted."""
+    tarball = partial.name.removesuffix(".partial")
+    with complete_step(f"Verifying {' and '.join(a.upper() for a in sorted(expected))} of {tarball}"):
+        actual = _hash_file(partial)
+    wrong = [algorithm.upper() for algorithm, value in expected.items() if actual[algorithm] != value]
+    if wrong:
+        partial.unlink()
+        raise StageError(f"{' and '.join(wrong)} of {url} does not match its signed DIGESTS file",
+                         hint="the download was corrupted or tampered with and has been deleted; run "
+                         "again, and use another mirror if it happens again")
+    return actual
+
+
+def _sidecar(tarball: Path) -> Path:
+    return tarball.with_name(f"{tarball.name}.verified.json")
+
+
+def _cached_stage(tarball: Path, size: int, digests: dict[str, str]) -> Path | None:
+    """``tarball`` if the cache holds it with exactly these digests; anything stale is removed."""
+    sidecar = _sidecar(tarball)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        recorded = json.loads(sidecar.read_text())["digests"]
+        if tarball.stat().st_size == size and all(recorded.get(a) == v for a, v in digests.items()):
+            return tarball
+    if tarball.exists():
+        logger.info("  cached %s does not match the current DIGESTS; fetching it again", tarball.name)
+    sidecar.unlink(missing_ok=True)
+    tarball.unlink(missing_ok=True)
+    return None
+
+
+def _store(partial: Path, stages: Path, record: dict[str, object]) -> Path:
+    """Move a verified download into the cache, its record first: a tarball in stages/ always has one."""
+    stages.mkdir(parents=True, exist_ok=True)
+    target = stages / str(record["name"])
+    staged_record = partial.with_name(f"{record['name']}.verified.json.tmp")
+    staged_record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # Both renames stay on one filesystem (downloads/ and stages/ share the cache directory);
+    # a record left without its tarball by a crash in between is removed by _cached_stage.
+    os.replace(staged_record, _sidecar(target))
+    os.replace(partial, target)
+    logger.info("  stored %s", target)
+    return target
+
+
+@contextlib.contextmanager
+def _download_lock(path: Path) -> Iterator[None]:
+    """One fetch per tarball at a time: parallel builds share the cache and its .partial files."""
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("  waiting for another imagebuild that is fetching %s", path.name.removesuffix(".lock"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
