@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,26 +59,51 @@ def cache_dir() -> Path:
     return CACHE_DIR
 
 
-@pytest.fixture(scope="session")
-def standin_amd64(cache_dir: Path) -> Path:
-    """The amd64 stand-in stage tarball (built once, then cached by recipe hash)."""
+def _standin(arch: Arch) -> Path:
     require_root()
     require_tools("mmdebstrap")
     from imagebuild.standin import ensure_standin
 
-    return ensure_standin(Arch.amd64, cache_dir)
+    return ensure_standin(arch, CACHE_DIR)
 
 
 @pytest.fixture(scope="session")
-def console_image_amd64(standin_amd64: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An amd64 console image built from the stand-in stage through the CLI, without its smoke test."""
-    require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk")
-    out = tmp_path_factory.mktemp("console-amd64")
-    from imagebuild.cli import main
+def standin_amd64() -> Path:
+    """The amd64 stand-in stage tarball (built once, then cached by recipe hash)."""
+    return _standin(Arch.amd64)
 
-    code = main(["build", "amd64", "console", "--stage", str(standin_amd64), "--no-test", "-o", str(out),
-                 "--stamp", "20261124T000000Z", "--cache-dir", str(CACHE_DIR)])
-    assert code == 0, "building the amd64 console image failed"
-    image = out / "di-amd64-console-20261124T000000Z.qcow2"
-    assert image.is_file()
-    return image
+
+STAMP = "20261124T000000Z"
+
+
+@pytest.fixture(scope="session")
+def build_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """Build arch × variant from the stand-in stage through the CLI (no smoke test), once per session."""
+    built: dict[tuple[str, str], Path] = {}
+
+    def build(arch: str, variant: str) -> Path:
+        if (arch, variant) not in built:
+            stage = _standin(Arch(arch))
+            require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk")
+            out = tmp_path_factory.mktemp(f"{variant}-{arch}")
+            from imagebuild.cli import main
+
+            code = main(["build", arch, variant, "--stage", str(stage), "--no-test", "-o", str(out),
+                         "--stamp", STAMP])
+            assert code == 0, f"building the {arch} {variant} image failed"
+            image = out / f"di-{arch}-{variant.replace('-', '')}-{STAMP}.qcow2"
+            assert image.is_file()
+            built[arch, variant] = image
+        return built[arch, variant]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def console_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
+    return build_images("amd64", "console")
+
+
+@pytest.fixture(scope="session")
+def cloudinit_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
+    return build_images("amd64", "cloud-init")
