@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from imagebuild import __version__, standin
@@ -27,6 +28,7 @@ from imagebuild.configure import (
 )
 from imagebuild.disk import DiskLayout, Identifiers, make_esp, make_root, partition_image
 from imagebuild.errors import ConfigError, ImageError, StageError
+from imagebuild.mirror import fetch_stage
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.output import (
     contents_lines,
@@ -94,10 +96,11 @@ def acquire_stage(ctx: Context) -> None:
     if source == "standin":
         ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir)
     elif source == "mirror":
-        raise ConfigError(
-            "downloading a stage3 from a Gentoo mirror is not implemented yet",
-            hint="give a local stage tarball with --stage FILE, or --stage standin for the offline stand-in",
-        )
+        assert ctx.config.flavour is not None
+        with complete_step(f"Fetching the latest stage3-{ctx.config.flavour} from {ctx.config.mirror}"):
+            ctx.stage_tarball = fetch_stage(ctx.config.mirror, ctx.config.arch, ctx.config.flavour,
+                                            ctx.config.cache_dir, keyring=ctx.config.keyring,
+                                            progress=sys.stderr.isatty())
     else:
         path = Path(source).expanduser().resolve()
         if not path.is_file():

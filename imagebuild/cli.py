@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--spec", type=Path, help="Catalyst-style spec (default: the shipped specs/ARCH/VARIANT.spec)")
     build.add_argument("--stage", metavar="SOURCE",
                        help="stage tarball path, 'standin' (offline Debian-based stand-in), or 'mirror'")
+    build.add_argument("--mirror", metavar="URL",
+                       help="Gentoo mirror base URL to fetch the stage3 from (implies --stage mirror)")
+    build.add_argument("--keyring", type=Path,
+                       help="GnuPG keyring with the key that signs the mirror's DIGESTS (default: Gentoo's release key)")
     build.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: ./out)")
     build.add_argument("--size", help="image size, e.g. 20GiB (spec: diskimage/qcow2_size)")
     build.add_argument("--esp-size", help="EFI partition size, e.g. 512MiB (spec: diskimage/qcow2_efisize)")
@@ -77,7 +81,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = resolve(
         Arch.parse(args.arch),
         Variant.parse(args.variant),
-        Overrides(spec=args.spec, stage=args.stage, output_dir=args.output, size=args.size,
+        Overrides(spec=args.spec, stage=args.stage, mirror=args.mirror, keyring=args.keyring, output_dir=args.output, size=args.size,
                   esp_size=args.esp_size, compression=args.compression,
                   smoke_test=False if args.no_test else None, boot_timeout=args.boot_timeout,
                   stamp=args.stamp, work_dir=args.work_dir, cache_dir=args.cache_dir,

@@ -166,6 +166,9 @@ class BuildConfig:
     smoke_test: bool = True
     boot_timeout: float = 600.0
     spec_path: Path | None = None
+    mirror: str = "https://distfiles.gentoo.org"
+    flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
+    keyring: Path | None = None
     work_dir: Path = Path("/var/tmp/imagebuild")
     cache_dir: Path = Path("/var/cache/imagebuild")
 

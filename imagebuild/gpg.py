@@ -44,7 +44,7 @@ def keyring_how_to() -> str:
         f"'gpg --keyserver hkps://keys.gentoo.org --recv-keys {GENTOO_RELEASE_KEY_FINGERPRINT}' then "
         f"'gpg --export {GENTOO_RELEASE_KEY_FINGERPRINT} > {user_keyring()}' (check the fingerprint "
         "against https://www.gentoo.org/downloads/signatures/). Or pass another keyring file "
-        "(binary or ASCII-armored) as keyring"
+        "(binary or ASCII-armored) with --keyring (spec: imagebuild/keyring)"
     )
 
 

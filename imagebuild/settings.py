@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from imagebuild.config import Arch, BuildConfig, Compression, ImageLayout, Variant, parse_size
-from imagebuild.errors import ConfigError
+from imagebuild.errors import ConfigError, ImagebuildError
+from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
 
@@ -23,6 +24,8 @@ class Overrides:
 
     spec: Path | None = None
     stage: str | None = None
+    mirror: str | None = None
+    keyring: Path | None = None
     output_dir: Path = Path("out")
     size: str | None = None
     esp_size: str | None = None
@@ -92,11 +95,17 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         spec.get("imagebuild/smoke_test"), spec.where("imagebuild/smoke_test"))
     timeout = pick(opts.boot_timeout, "imagebuild/boot_timeout")
     image_name = _image_name(spec, arch, variant, stamp)
+    # --mirror alone means "take the stage from that mirror".
+    stage = opts.stage or ("mirror" if opts.mirror else None) or spec.get("imagebuild/stage") or "mirror"
+    keyring = opts.keyring or (Path(spec.get("imagebuild/keyring")) if spec.get("imagebuild/keyring") else None)
     defaults = BuildConfig.__dataclass_fields__
     return BuildConfig(
         arch=arch,
         variant=variant,
-        stage=opts.stage or spec.get("imagebuild/stage") or "mirror",
+        stage=stage,
+        mirror=pick(opts.mirror, "imagebuild/mirror") or BuildConfig.mirror,
+        flavour=_flavour(spec, arch) if stage == "mirror" else None,
+        keyring=keyring.expanduser().resolve() if keyring else None,
         output_dir=opts.output_dir.resolve(),
         image_name=image_name,
         stamp=stamp,
@@ -108,6 +117,21 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         work_dir=(opts.work_dir or defaults["work_dir"].default).resolve(),  # type: ignore[union-attr]
         cache_dir=(opts.cache_dir or defaults["cache_dir"].default).resolve(),  # type: ignore[union-attr]
     )
+
+
+def _flavour(spec: Spec, arch: Arch) -> str:
+    """The stage3 flavour to fetch, from Catalyst's source_subpath (stage3-<flavour>-<stamp>)."""
+    subpath = spec.get("source_subpath")
+    if not subpath:
+        raise ConfigError(
+            f"{spec.path}: no source_subpath, so there is no stage3 to fetch from the mirror",
+            hint="add e.g. 'source_subpath: 23.0-default/stage3-amd64-nomultilib-systemd-@TIMESTAMP@', "
+            "or give a stage with --stage FILE",
+        )
+    try:
+        return flavour_from_source_subpath(subpath)
+    except ImagebuildError as exc:
+        raise ConfigError(f"{spec.where('source_subpath')}: {exc.message}", hint=exc.hint) from None
 
 
 def _check_matches(spec: Spec, arch: Arch, variant: Variant) -> None:

@@ -74,6 +74,8 @@ IMAGEBUILD_DEFAULTS: Mapping[str, str] = MappingProxyType({
     "imagebuild/boot_timeout": "600",
     "imagebuild/mirror": "https://distfiles.gentoo.org",
 })
+# Keys without a default: imagebuild/keyring (unset: the Gentoo release key's usual places).
+IMAGEBUILD_KEYS = frozenset({*IMAGEBUILD_DEFAULTS, "imagebuild/keyring"})
 DISKIMAGE_TARGETS = frozenset({"diskimage-stage1", "diskimage-stage2"})
 STAGE_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tar.bz2")
 
@@ -305,7 +307,7 @@ def _check_keys(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]]) -
     netboot = set(drafts["netboot/packages"].tokens) if "netboot/packages" in drafts else set()
     for draft in drafts.values():
         key = draft.key
-        if key in CATALYST_KEYS or key in IMAGEBUILD_DEFAULTS:
+        if key in CATALYST_KEYS or key in IMAGEBUILD_KEYS:
             continue
         if kernel := _KERNEL_KEY.fullmatch(key):
             name, field = kernel.groups()
@@ -330,7 +332,7 @@ def _unknown_key(draft: _Draft, kernels: set[str], netboot: set[str]) -> str:
     if kernel := _KERNEL_KEY.fullmatch(key):
         names.add(kernel.group(1))
     candidates = (
-        set(CATALYST_KEYS) | set(IMAGEBUILD_DEFAULTS)
+        set(CATALYST_KEYS) | set(IMAGEBUILD_KEYS)
         | {f"boot/kernel/{n}/{f}" for n in names for f in KERNEL_FIELDS}
         | {f"netboot/packages/{p}/files" for p in netboot}
     )
@@ -347,7 +349,7 @@ def _unknown_key(draft: _Draft, kernels: set[str], netboot: set[str]) -> str:
                 "key, not a continuation (Catalyst syntax); a value cannot hold a slot "
                 "dependency such as ':3.12'")
     if family == "imagebuild":
-        return f"unknown key '{key}'; imagebuild's keys are {', '.join(IMAGEBUILD_DEFAULTS)}"
+        return f"unknown key '{key}'; imagebuild's keys are {', '.join(sorted(IMAGEBUILD_KEYS))}"
     return f"unknown key '{key}': neither a Catalyst key nor an imagebuild/ key"
 
 
@@ -401,11 +403,12 @@ _VALUE_CHECKS: Mapping[str, Callable[[str], str | None]] = {
     "imagebuild/smoke_test": _YES_NO,
     "imagebuild/boot_timeout": _seconds,
     "imagebuild/mirror": _url,
+    "imagebuild/keyring": lambda v: None,
 }
 # Keys whose value is one word; a second word is a mistake, not a list.
 _SINGLE_WORD = frozenset({"subarch", "target", "version_stamp", "rel_type", "profile",
                           "diskimage/type", "diskimage/qcow2", "diskimage/qcow2_roottype",
-                          *IMAGEBUILD_DEFAULTS})
+                          *IMAGEBUILD_KEYS})
 
 
 def _check_values(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]]) -> None:
