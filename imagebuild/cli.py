@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
     smoke.add_argument("--boot-timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
 
+    inspect = sub.add_parser("inspect", help="audit an image offline (layout, boot files, hygiene, variant)")
+    inspect.add_argument("image", type=Path)
+    inspect.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
+    inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
+
     stage = sub.add_parser("standin", help="build (or find cached) the offline stand-in stage and print its path")
     stage.add_argument("arch", help="amd64 or arm64")
     stage.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
@@ -88,9 +95,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
                   placeholders=tuple(placeholders)),
     )
     image = build_image(config, keep_workspace=args.keep_workspace)
+    audit = _inspect(image, config.arch, config.variant,
+                     image.with_name(image.name + ".inspect.json"))
     if not config.smoke_test:
-        return 0
-    return _smoke(image, config.arch, config.variant, config.output_dir, config.boot_timeout)
+        return audit
+    return max(audit, _smoke(image, config.arch, config.variant, config.output_dir, config.boot_timeout))
 
 
 def _smoke(image: Path, arch: Arch, variant: Variant, results: Path, timeout: float) -> int:
@@ -105,21 +114,43 @@ def _smoke(image: Path, arch: Arch, variant: Variant, results: Path, timeout: fl
     return EXIT_FAILED
 
 
-def _cmd_smoke_test(args: argparse.Namespace) -> int:
-    image: Path = args.image
+def _image_identity(image: Path, arch: str | None, variant: str | None) -> tuple[Arch, Variant]:
+    """Arch and variant from the options, else from the manifest the build wrote beside the image."""
+    if not image.is_file():
+        raise ImagebuildError(f"image {image} does not exist", hint="give the path of a .qcow2 image")
     manifest = image.with_name(image.name + ".manifest.json")
     recorded: dict[str, str] = {}
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())
-    arch_text = args.arch or recorded.get("arch")
-    variant_text = args.variant or recorded.get("variant")
-    if not arch_text or not variant_text:
+    arch = arch or recorded.get("arch")
+    variant = variant or recorded.get("variant")
+    if not arch or not variant:
         raise ImagebuildError(
             f"cannot tell the architecture and variant of {image} (no {manifest.name} beside it)",
             hint="pass --arch and --variant",
         )
-    return _smoke(image, Arch.parse(arch_text), Variant.parse(variant_text),
-                  args.results or image.resolve().parent, args.boot_timeout)
+    return Arch.parse(arch), Variant.parse(variant)
+
+
+def _cmd_smoke_test(args: argparse.Namespace) -> int:
+    arch, variant = _image_identity(args.image, args.arch, args.variant)
+    return _smoke(args.image, arch, variant, args.results or args.image.resolve().parent, args.boot_timeout)
+
+
+def _inspect(image: Path, arch: Arch, variant: Variant, json_path: Path | None = None,
+             keep_caches: bool = False) -> int:
+    from imagebuild.inspect import inspect_image
+
+    report = inspect_image(image, arch, variant, keep_caches=keep_caches)
+    print(report.table())
+    if json_path:
+        json_path.write_text(report.to_json())
+    return 0 if report.passed else EXIT_FAILED
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    arch, variant = _image_identity(args.image, args.arch, args.variant)
+    return _inspect(args.image, arch, variant, args.json, args.keep_caches)
 
 
 def _cmd_standin(args: argparse.Namespace) -> int:
@@ -133,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(verbose=args.debug)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "standin": _cmd_standin}
+    commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,
+                "standin": _cmd_standin}
     try:
         return commands[args.command](args)
     except ImagebuildError as exc:

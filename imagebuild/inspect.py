@@ -1,0 +1,173 @@
+"""``imagebuild inspect``: audit a finished image without booting it, and without writing to it.
+
+Each check is a named result, reported as a table and as JSON; any failure makes the run fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import struct
+from pathlib import Path
+
+from imagebuild.config import Arch, Variant
+from imagebuild.disk import DPS_ROOT_TYPE
+from imagebuild.imagefs import OpenedImage, open_image
+
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+# PE/COFF machine field of an EFI executable, per architecture.
+_PE_MACHINE = {Arch.amd64: 0x8664, Arch.arm64: 0xAA64}
+_NETWORK_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket", "systemd-networkd.service",
+                  "NetworkManager.service", "dhcpcd.service")
+_HISTORIES = (".bash_history", ".ash_history", ".sh_history", ".python_history", ".lesshst", ".viminfo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class Report:
+    image: str
+    arch: str
+    variant: str
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> str:
+        return json.dumps({"image": self.image, "arch": self.arch, "variant": self.variant,
+                           "passed": self.passed, "checks": [dataclasses.asdict(c) for c in self.checks]},
+                          indent=2) + "\n"
+
+    def table(self) -> str:
+        width = max(len(c.name) for c in self.checks)
+        rows = [f"{'ok  ' if c.passed else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in self.checks]
+        verdict = "all checks passed" if self.passed else f"{len(self.failed())} check(s) FAILED"
+        return "\n".join([f"{self.image} ({self.arch} {self.variant})", *rows, verdict])
+
+
+def _check(name: str, passed: bool, good: str, bad: str) -> Check:
+    return Check(name, passed, good if passed else bad)
+
+
+def _partition_checks(img: OpenedImage, arch: Arch) -> list[Check]:
+    esp, root = img.partitions[0], img.partitions[1]
+    esp_fs, root_fs = img.blkid(esp), img.blkid(root)
+    return [
+        _check("gpt-layout", len(img.partitions) == 2, f"GPT, {img.sector_size}-byte sectors, 2 partitions",
+               f"expected 2 partitions, found {len(img.partitions)}"),
+        _check("esp-partition", esp.type == ESP_TYPE and esp.name == "gentooefi",
+               "partition 1 is the ESP, named gentooefi", f"partition 1: type {esp.type}, name '{esp.name}'"),
+        _check("esp-filesystem", esp_fs.get("TYPE") == "vfat" and esp_fs.get("LABEL") == "gentooefi",
+               "FAT, label gentooefi", f"{esp_fs.get('TYPE')} labelled '{esp_fs.get('LABEL')}'"),
+        _check("root-partition", root.type in (DPS_ROOT_TYPE[arch], LINUX_FS_TYPE) and root.name == "gentooroot",
+               f"partition 2 is the {arch.value} root, named gentooroot",
+               f"partition 2: type {root.type}, name '{root.name}'"),
+        _check("root-filesystem", root_fs.get("TYPE") == "xfs" and root_fs.get("LABEL") == "gentooroot",
+               "XFS, label gentooroot", f"{root_fs.get('TYPE')} labelled '{root_fs.get('LABEL')}'"),
+    ]
+
+
+def _fstab_check(img: OpenedImage) -> Check:
+    fstab = img.root / "etc/fstab"
+    entries = {}
+    if fstab.is_file():
+        for line in fstab.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and not fields[0].startswith("#"):
+                entries[fields[1]] = (fields[0], fields[2])
+    labels = {img.blkid(p).get("LABEL") for p in img.partitions[:2]}
+    want = {"/": ("LABEL=gentooroot", "xfs"), "/boot": ("LABEL=gentooefi", "vfat")}
+    ok = all(entries.get(mount) == spec for mount, spec in want.items()) and {"gentooroot", "gentooefi"} <= labels
+    return _check("fstab-labels", ok, "fstab mounts / and /boot by the partitions' labels",
+                  f"fstab has {entries.get('/')} for / and {entries.get('/boot')} for /boot; labels {sorted(map(str, labels))}")
+
+
+def _boot_checks(img: OpenedImage, arch: Arch) -> list[Check]:
+    files = set(img.esp_list())
+    binary = f"/EFI/BOOT/{arch.efi_binary}"
+    machine = None
+    if binary in files:
+        data = img.esp_read(binary)
+        if data[:2] == b"MZ" and len(data) > 0x40:
+            pe = struct.unpack_from("<I", data, 0x3C)[0]
+            if data[pe:pe + 4] == b"PE\0\0":
+                machine = struct.unpack_from("<H", data, pe + 4)[0]
+    checks = [_check("grub-efi-binary", machine == _PE_MACHINE[arch], f"{binary} is an EFI executable for {arch.value}",
+                     f"{binary} missing or not an {arch.value} PE executable (machine {machine})")]
+    config = img.esp_read("/grub/grub.cfg").decode(errors="replace") if "/grub/grub.cfg" in files else ""
+    referenced = re.findall(r"^\s*(?:linux|initrd)\s+(\S+)", config, re.MULTILINE)
+    missing = [path for path in referenced if path not in files]
+    checks.append(_check("grub-cfg-kernel", bool(referenced) and not missing,
+                         f"grub.cfg boots {', '.join(referenced)}, all present on the ESP",
+                         "no grub.cfg with a kernel" if not referenced else f"grub.cfg names missing {missing}"))
+    return checks
+
+
+def _hygiene_checks(img: OpenedImage, *, keep_caches: bool) -> list[Check]:
+    root = img.root
+    machine_id = root / "etc/machine-id"
+    keys = sorted(p.name for p in (root / "etc/ssh").glob("ssh_host_*"))
+    homes = [root / "root", *(p for p in (root / "home").glob("*") if p.is_dir())]
+    histories = [str(h.relative_to(root) / n) for h in homes for n in _HISTORIES if (h / n).exists()]
+    scratch = [d for d in ("tmp", "var/tmp") if (root / d).is_dir() and any((root / d).iterdir())]
+    caches = [d for d in ("var/cache/distfiles", "var/cache/binpkgs") if (root / d).is_dir() and any((root / d).iterdir())]
+    checks = [
+        _check("machine-id-empty", machine_id.is_file() and machine_id.stat().st_size == 0,
+               "/etc/machine-id is empty (made at first boot)", "/etc/machine-id is missing or not empty"),
+        _check("no-ssh-host-keys", not keys, "no SSH host keys", f"SSH host keys in the image: {', '.join(keys)}"),
+        _check("no-shell-history", not histories, "no shell history", f"history files: {', '.join(histories)}"),
+        _check("empty-scratch", not scratch, "/tmp and /var/tmp are empty", f"not empty: {', '.join(scratch)}"),
+    ]
+    if not keep_caches:
+        checks.append(_check("no-package-caches", not caches, "no distfiles or binary packages",
+                             f"not empty: {', '.join(caches)}"))
+    return checks
+
+
+def _shadow(root: Path) -> dict[str, str]:
+    text = (root / "etc/shadow").read_text() if (root / "etc/shadow").is_file() else ""
+    return {f[0]: f[1] for f in (line.split(":") for line in text.splitlines()) if len(f) > 1}
+
+
+def _enabled_units(root: Path) -> set[str]:
+    base = root / "etc/systemd/system"
+    return {p.name for p in base.glob("*.wants/*") if p.is_symlink()} if base.is_dir() else set()
+
+
+def _variant_checks(img: OpenedImage, variant: Variant) -> list[Check]:
+    shadow = _shadow(img.root)
+    if variant == Variant.console:
+        network = sorted(_enabled_units(img.root) & set(_NETWORK_UNITS))
+        return [
+            _check("console-root-empty-password", shadow.get("root") == "", "root has an empty password",
+                   "root's password is not empty (a hash or lock is set)" if "root" in shadow else "no root in /etc/shadow"),
+            _check("console-no-network-service", not network, "no network service enabled",
+                   f"enabled: {', '.join(network)}"),
+        ]
+    unlocked = sorted(user for user, pw in shadow.items() if not pw.startswith(("!", "*")))
+    return [_check("cloudinit-accounts-locked", bool(shadow) and not unlocked, "every account is locked",
+                   f"accounts with a usable password: {', '.join(unlocked)}")]
+
+
+def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: bool = False) -> Report:
+    with open_image(image) as img:
+        checks = [
+            *_partition_checks(img, arch),
+            _fstab_check(img),
+            *_boot_checks(img, arch),
+            *_hygiene_checks(img, keep_caches=keep_caches),
+            *_variant_checks(img, variant),
+        ]
+    return Report(image=image.name, arch=arch.value, variant=variant.value, checks=checks)
