@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
 
+    sub.add_parser("doctor", help="list the host tools and features imagebuild needs, and what is missing")
+
     stage = sub.add_parser("standin", help="build (or find cached) the offline stand-in stage and print its path")
     stage.add_argument("arch", help="amd64 or arm64")
     stage.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
@@ -153,6 +155,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return _inspect(args.image, arch, variant, args.json, args.keep_caches)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from imagebuild.doctor import diagnose, report
+
+    findings = diagnose()
+    print(report(findings))
+    return 0 if all(f.found for f in findings if f.required) else EXIT_FAILED
+
+
 def _cmd_standin(args: argparse.Namespace) -> int:
     from imagebuild.standin import ensure_standin
 
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.debug)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,
+                "doctor": _cmd_doctor,
                 "standin": _cmd_standin}
     try:
         return commands[args.command](args)

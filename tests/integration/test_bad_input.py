@@ -110,17 +110,20 @@ def test_image_too_small_for_the_tree(tmp_path: Path, standin_amd64: Path) -> No
     assert "--size" in result.stderr
 
 
-def test_missing_host_tool(tmp_path: Path) -> None:
-    # A PATH with every program the host has except mkfs.xfs.
+def env_without(tool: str, tmp_path: Path) -> dict[str, str]:
+    """The environment with a PATH holding every program the host has except ``tool``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for directory in os.environ["PATH"].split(os.pathsep) + ["/usr/sbin", "/sbin"]:
-        if not os.path.isdir(directory):
-            continue
-        for name in os.listdir(directory):
-            if name != "mkfs.xfs" and not (bin_dir / name).exists():
-                (bin_dir / name).symlink_to(os.path.join(directory, name))
-    env = {**os.environ, "PATH": str(bin_dir)}
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                if name != tool and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(directory, name))
+    return {**os.environ, "PATH": str(bin_dir)}
+
+
+def test_missing_host_tool(tmp_path: Path) -> None:
+    env = env_without("mkfs.xfs", tmp_path)
     assert shutil.which("mkfs.xfs", path=env["PATH"]) is None
     result = imagebuild(tmp_path, "build", "amd64", "console", "--stage", "standin", env=env)
     assert "mkfs.xfs" in result.stderr and "xfsprogs" in result.stderr
@@ -135,3 +138,14 @@ def test_output_directory_not_writable(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert f"cannot create the output directory {blocker / 'out'}" in result.stderr
+
+
+def test_doctor_names_the_missing_tool_and_its_packages(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "imagebuild", "doctor"], capture_output=True, text=True,
+                            env=env_without("mkfs.xfs", tmp_path), timeout=120)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("MISSING") and " mkfs.xfs " in line)
+    assert "Debian: xfsprogs" in lines[row + 1] and "Gentoo: sys-fs/xfsprogs" in lines[row + 1]
+    assert "found    mkfs.vfat" in result.stdout
+    assert lines[-1].startswith("missing: mkfs.xfs")

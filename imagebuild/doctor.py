@@ -1,0 +1,121 @@
+"""``imagebuild doctor``: which host tools and kernel features the build and smoke test need,
+which are here, and the Debian and Gentoo packages that provide the missing ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from imagebuild.config import Arch
+from imagebuild.errors import ImagebuildError
+from imagebuild.run import HOST_TOOLS
+
+# Host programs and why imagebuild needs them; run.HOST_TOOLS names their packages.
+_TOOLS = [
+    ("qemu-img", "qcow2 conversion, image checks"),
+    ("qemu-system-x86_64", "smoke test of amd64 images"),
+    ("qemu-system-aarch64", "smoke test of arm64 images"),
+    ("mkfs.xfs", "root filesystem"),
+    ("mkfs.vfat", "EFI system partition"),
+    ("mcopy", "filling the ESP without mounting FAT"),
+    ("mdir", "reading the ESP (inspect)"),
+    ("sgdisk", "partition type and GUIDs"),
+    ("sfdisk", "reading partition tables (inspect)"),
+    ("losetup", "loop devices"),
+    ("mount", "loop mounts, chroot binds"),
+    ("blkid", "filesystem labels (inspect)"),
+    ("gpg", "verifying stage3 signatures"),
+    ("zstd", ".tar.zst stages"),
+    ("mmdebstrap", "the offline stand-in stage only"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    name: str
+    found: bool
+    detail: str
+    debian: str = ""
+    gentoo: str = ""
+    required: bool = True
+
+
+def _features() -> list[tuple[str, Callable[[], tuple[bool, str]], str, str, bool]]:
+    return [
+        ("loop devices", _loop_devices, "(kernel: CONFIG_BLK_DEV_LOOP)", "(kernel: CONFIG_BLK_DEV_LOOP)", True),
+        ("root", lambda: (os.geteuid() == 0, "running as root" if os.geteuid() == 0 else "not root: "
+                          "loop devices, mounts and chroot need root"), "", "", True),
+        ("edk2 firmware amd64", lambda: _firmware(Arch.amd64), "ovmf", "sys-firmware/edk2-bin", True),
+        ("edk2 firmware arm64", lambda: _firmware(Arch.arm64), "qemu-efi-aarch64", "sys-firmware/edk2-bin", True),
+        ("binfmt for arm64", _binfmt_arm64, "qemu-user-static binfmt-support",
+         "app-emulation/qemu[static-user,qemu_user_targets_aarch64]", False),
+        ("KVM", _kvm, "(host: /dev/kvm)", "(host: /dev/kvm)", False),
+    ]
+
+
+def _loop_devices() -> tuple[bool, str]:
+    ok = Path("/dev/loop-control").exists()
+    return ok, "/dev/loop-control present" if ok else "no /dev/loop-control (modprobe loop)"
+
+
+def _firmware(arch: Arch) -> tuple[bool, str]:
+    from imagebuild.smoketest.firmware import find_firmware
+
+    try:
+        firmware = find_firmware(arch)
+    except ImagebuildError as exc:
+        return False, exc.message
+    return True, str(firmware.code)
+
+
+def _binfmt_arm64() -> tuple[bool, str]:
+    if platform.machine() == "aarch64":
+        return True, "native arm64 host"
+    handler = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+    if handler.exists() and "enabled" in handler.read_text():
+        return True, "qemu-aarch64 registered and enabled"
+    return False, "no enabled qemu-aarch64 handler: arm64 stages cannot run commands in their chroot"
+
+
+def _kvm() -> tuple[bool, str]:
+    from imagebuild.smoketest.qemu import kvm_works
+
+    host = {"x86_64": Arch.amd64, "aarch64": Arch.arm64}.get(platform.machine())
+    if host is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "no usable /dev/kvm: smoke tests run under TCG (slower)"
+    try:
+        works = kvm_works(host)
+    except ImagebuildError as exc:
+        return False, exc.message
+    return works, "a KVM guest runs" if works else "/dev/kvm opens but QEMU fails under KVM: TCG is used"
+
+
+def diagnose() -> list[Finding]:
+    findings = []
+    for tool, why in _TOOLS:
+        debian, gentoo = HOST_TOOLS[tool]
+        path = shutil.which(tool)
+        findings.append(Finding(tool, path is not None, path or f"missing — needed for {why}", debian, gentoo,
+                                required=tool != "mmdebstrap"))
+    for name, probe, debian, gentoo, required in _features():
+        ok, detail = probe()
+        findings.append(Finding(name, ok, detail, debian, gentoo, required))
+    return findings
+
+
+def report(findings: list[Finding]) -> str:
+    width = max(len(f.name) for f in findings)
+    lines = []
+    for f in findings:
+        status = "found  " if f.found else ("MISSING" if f.required else "absent ")
+        line = f"{status}  {f.name:<{width}}  {f.detail}"
+        if not f.found and (f.debian or f.gentoo):
+            line += f"\n{'':{9 + width}}  Debian: {f.debian or '-'}   Gentoo: {f.gentoo or '-'}"
+        lines.append(line)
+    missing = [f.name for f in findings if f.required and not f.found]
+    lines.append("everything needed is here" if not missing else f"missing: {', '.join(missing)} (ci/setup installs them on Debian)")
+    return "\n".join(lines)
