@@ -42,7 +42,7 @@ from imagebuild.output import (
 )
 from imagebuild.run import require_tools
 from imagebuild.unpack import unpack_stage
-from imagebuild.workspace import Workspace
+from imagebuild.workspace import Workspace, output_lock
 
 BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup", "mount", "umount",
                "chroot", "cp")
@@ -225,6 +225,7 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False) -> Path:
     """Build ``config.image_path`` from its stage; return the image's path."""
     check_prerequisites(config)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(output_lock(config.image_path))
         workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"
                                                   f"{config.variant.file_part}", keep=keep_workspace))
         ctx = Context(config=config, workspace=workspace, stack=stack,

@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagebuild.errors import WorkspaceError
 from imagebuild.log import logger
 from imagebuild.run import run
+
+
+# The active workspace's recorder: it notes every mount and loop device in its state file,
+# so a later run can undo them if this one is killed with SIGKILL.
+_resource_hook: Callable[[str, str], None] | None = None
+
+
+def register_resource_hook(hook: Callable[[str, str], None] | None) -> None:
+    global _resource_hook
+    _resource_hook = hook
+
+
+def _note(kind: str, value: Path) -> None:
+    if _resource_hook is not None:
+        _resource_hook(kind, str(value))
+
+
+def loops_backed_by(directory: Path) -> list[Path]:
+    """Loop devices whose backing file lies below ``directory``."""
+    out = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], check=False).stdout
+    devices = json.loads(out or b"{}").get("loopdevices", [])
+    base = Path(os.path.realpath(directory))
+    return [Path(d["name"]) for d in devices
+            if d.get("back-file") and base in Path(d["back-file"].removesuffix(" (deleted)")).parents]
 
 
 def _unescape(field: str) -> str:
@@ -65,6 +90,7 @@ def mounted(
     if options:
         cmd += ["-o", options]
     cmd += [source, target]
+    _note("mounts", target)
     run(cmd)
     try:
         yield target
@@ -94,6 +120,7 @@ class LoopDevice:
             cmd += ["--sector-size", str(self.sector_size)]
         cmd += [self.backing]
         self.device = Path(run(cmd).stdout.decode().strip())
+        _note("loops", self.device)
         logger.debug("attached %s to %s (offset %d)", self.device, self.backing, self.offset)
         return self.device
 

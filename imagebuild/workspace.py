@@ -1,16 +1,28 @@
-"""The build's private scratch directory, removed on every exit path."""
+"""The build's private scratch directory, removed on every exit path — even after a SIGKILL.
+
+Each workspace carries ``state.json``: who owns it (pid) and every mount and loop device made
+inside it. A run killed with SIGKILL cannot clean up, so the next run looks for workspaces
+whose owner is gone and undoes what they recorded (and whatever else is still mounted below
+them or attached to their files) before it starts.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from imagebuild.errors import WorkspaceError
+from imagebuild.errors import ConfigError, WorkspaceError
 from imagebuild.log import logger
-from imagebuild.mounts import remove_tree
+from imagebuild.mounts import loops_backed_by, mounts_below, register_resource_hook, remove_tree
+from imagebuild.run import run
+
+STATE = "state.json"
 
 
 class Workspace:
@@ -21,24 +33,40 @@ class Workspace:
         self.name = name
         self.keep = keep
         self.path: Path | None = None
+        self.state: dict[str, object] = {}
 
     def __enter__(self) -> Path:
         try:
             self.base.mkdir(parents=True, exist_ok=True)
+            recover_stale_workspaces(self.base)
             self.path = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.base))
         except OSError as exc:
             raise WorkspaceError(
                 f"cannot create a workspace under {self.base}: {exc.strerror}",
                 hint="point --work-dir at a writable directory with a few GiB free",
             ) from exc
-        # Who owns this directory, for a later run that finds it after a crash.
-        (self.path / "owner.json").write_text(
-            json.dumps({"pid": os.getpid(), "started": time.time()}) + "\n"
-        )
+        self.state = {"pid": os.getpid(), "started": time.time(), "mounts": [], "loops": []}
+        self._save()
+        register_resource_hook(self._record)
         logger.debug("workspace %s", self.path)
         return self.path
 
+    def _record(self, kind: str, value: str) -> None:
+        assert self.path is not None
+        if Path(value) == self.path or self.path in Path(value).parents or kind == "loops":
+            entries = self.state[kind]
+            assert isinstance(entries, list)
+            entries.append(value)
+            self._save()
+
+    def _save(self) -> None:
+        assert self.path is not None
+        partial = self.path / f".{STATE}.partial"
+        partial.write_text(json.dumps(self.state, indent=2) + "\n")
+        partial.rename(self.path / STATE)
+
     def __exit__(self, *exc: object) -> None:
+        register_resource_hook(None)
         if self.path is None:
             return
         if self.keep:
@@ -46,3 +74,64 @@ class Workspace:
             return
         remove_tree(self.path)
         self.path = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_workspaces(base: Path) -> None:
+    """Undo what killed runs left under ``base``: mounts, loop devices, then their directories."""
+    for workspace in sorted(p for p in base.iterdir() if p.is_dir()):
+        state_file = workspace / STATE
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or mid-creation by a live run
+        pid = state.get("pid")
+        if not isinstance(pid, int) or _alive(pid):
+            continue
+        cleaned = []
+        for point in mounts_below(workspace):
+            run(["umount", point], check=False)
+            if point in mounts_below(workspace):
+                run(["umount", "--lazy", point], check=False)
+            cleaned.append(f"mount {point}")
+        recorded = [Path(p) for p in state.get("loops", [])]
+        for loop in sorted(set(loops_backed_by(workspace)) | {p for p in recorded if p.exists()}):
+            if loop in loops_backed_by(workspace):
+                run(["losetup", "--detach", loop], check=False)
+                cleaned.append(f"loop device {loop}")
+        remove_tree(workspace)
+        logger.warning("cleaned up after an earlier run (pid %d) that was killed: %s", pid,
+                       ", ".join(cleaned + [f"removed {workspace}"]))
+
+
+@contextlib.contextmanager
+def output_lock(image: Path) -> Iterator[None]:
+    """Only one build at a time may write ``image``; a second one refuses at once."""
+    lock_path = image.with_name(f".{image.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(
+                f"another imagebuild (pid {other}) is already building {image}",
+                hint="wait for it to finish, or build into another --output or with another --stamp",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

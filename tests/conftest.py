@@ -44,9 +44,17 @@ def require_tools(*tools: str) -> None:
         missing(f"host tools not installed: {', '.join(absent)} (run ci/setup)")
 
 
-def loop_devices() -> set[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    return {line.split(":")[0] for line in out.splitlines() if line.strip()}
+def loop_devices(under: Path | None = None) -> set[str]:
+    """Attached loop devices; with ``under``, only those whose backing file lies below it
+    (other tests or builds on the machine may hold loop devices of their own)."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True, check=False).stdout
+    found = set()
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        if name and (under is None or back.strip().startswith(str(under))):
+            found.add(name)
+    return found
 
 
 def mounts_under(path: Path) -> list[str]:

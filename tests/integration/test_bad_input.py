@@ -26,14 +26,13 @@ def _root() -> None:
 def imagebuild(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would; check the common "nothing left behind" promises."""
     out, work = tmp_path / "out", tmp_path / "work"
-    loops = loop_devices()
     result = subprocess.run(
         [sys.executable, "-m", "imagebuild", *args, "-o", str(out), "--work-dir", str(work), "--no-test"],
         capture_output=True, text=True, env=env or os.environ.copy(), timeout=600,
     )
     assert result.returncode != 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert loop_devices() == loops, "a loop device was left attached"
+    assert loop_devices(tmp_path) == set(), "a loop device was left attached"
     assert mounts_under(tmp_path) == [], "a mount was left behind"
     assert not work.exists() or list(work.iterdir()) == [], f"workspace left behind: {list(work.iterdir())}"
     assert not out.exists() or list(out.iterdir()) == [], f"output left behind: {list(out.iterdir())}"

@@ -74,10 +74,9 @@ def test_filesystems_are_made_and_filled(tmp_path: Path) -> None:
     os.link(root_tree / "usr/bin/ping", root_tree / "usr/bin/ping6")
     (root_tree / "bin").symlink_to("usr/bin")
     (root_tree / "boot").mkdir()
-    before = loop_devices()
     make_esp(raw, disk.esp, layout, ids, esp_tree)
     make_root(raw, disk.root, layout, ids, root_tree, tmp_path / "mnt")
-    assert loop_devices() == before, "loop devices must be detached"
+    assert loop_devices(tmp_path) == set(), "loop devices must be detached"
     assert mounts_under(tmp_path) == []
 
     listing = subprocess.run(["mdir", "-/", "-b", "-i", f"{raw}@@{disk.esp.offset}", "::/"],

@@ -1,0 +1,194 @@
+"""Faults: SIGINT/SIGTERM at every step, SIGKILL recovery, foreign mounts, concurrent builds.
+
+To stop a build inside a given step, a shim for the step's external program stands first on
+PATH: when called with the step's arguments it announces itself and waits, so the signal
+arrives while that step's resources (loop devices, mounts, chroot binds) are live. The shim
+then runs the real program; everything else is the real pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import loop_devices, mounts_under, require_root
+
+pytestmark = pytest.mark.integration
+
+SHIM = """#!/bin/sh
+case "$*" in
+  *{pattern}*)
+    echo "$$" > "{marker}"
+    trap 'kill $pid 2>/dev/null; exit 143' TERM INT
+    sleep 600 & pid=$!
+    wait $pid
+    ;;
+esac
+exec {real} "$@"
+"""
+
+# step -> (program to hold, argument pattern that marks the step's call)
+STEPS = {
+    "configure (chroot binds live)": ("chroot", "systemctl"),
+    "grub (chroot binds live)": ("chroot", "mkimage"),
+    "partition": ("sgdisk", "typecode"),
+    "esp (loop device live)": ("mcopy", "::/"),
+    "root (loop mount live)": ("cp", "--sparse"),
+    "convert": ("qemu-img", "convert"),
+}
+
+
+def start_build(tmp_path: Path, stage: Path, *extra: str, env: dict[str, str] | None = None,
+                output: Path | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(stage), "--no-test",
+         "-o", str(output or tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ.copy(),
+    )
+
+
+def shim_env(tmp_path: Path, program: str, pattern: str) -> tuple[dict[str, str], Path]:
+    shims = tmp_path / "shims"
+    shims.mkdir(exist_ok=True)
+    marker = tmp_path / f"{program}.held"
+    real = shutil.which(program)
+    assert real, program
+    shim = shims / program
+    shim.write_text(SHIM.format(pattern=pattern, marker=marker, real=real))
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}, marker
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def assert_nothing_left(tmp_path: Path) -> None:
+    assert loop_devices(tmp_path) == set(), "a loop device was left attached"
+    assert mounts_under(tmp_path) == [], "a mount was left behind"
+    work = tmp_path / "work"
+    assert not work.exists() or list(work.iterdir()) == [], f"workspace left: {list(work.iterdir())}"
+    out = tmp_path / "out"
+    assert not out.exists() or list(out.iterdir()) == [], f"output left: {list(out.iterdir())}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("step", list(STEPS))
+def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, standin_amd64: Path) -> None:
+    require_root()
+    program, pattern = STEPS[step]
+    env, marker = shim_env(tmp_path, program, pattern)
+    proc = start_build(tmp_path, standin_amd64, env=env)
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 300, f"the {step} step")
+        assert proc.poll() is None, proc.communicate()[1]
+        start = time.monotonic()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert time.monotonic() - start < 30, "the build must stop within seconds"
+    assert proc.returncode == 130, stderr
+    assert f"interrupted by {sig.name}" in stderr
+    assert "Traceback" not in stderr
+    assert_nothing_left(tmp_path)
+
+
+def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
+    proc = start_build(tmp_path, standin_amd64, "--debug")
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("‣ Unpacking"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert_nothing_left(tmp_path)
+
+
+def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, standin_amd64: Path) -> None:
+    env, marker = shim_env(tmp_path, "cp", "--sparse")
+    proc = start_build(tmp_path, standin_amd64, env=env)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
+    shim_pid = int(marker.read_text())
+    proc.kill()  # SIGKILL: no cleanup can run
+    proc.wait()
+    os.kill(shim_pid, signal.SIGTERM)
+    assert mounts_under(tmp_path / "work"), "the killed build should have left its root mount"
+    assert loop_devices(tmp_path), "the killed build should have left its loop device"
+
+    # The next run (here one that fails fast on a missing stage) cleans up first and says so.
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(tmp_path / "none.tar"),
+         "--no-test", "-o", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "cleaned up after an earlier run" in result.stderr
+    assert "loop device /dev/loop" in result.stderr and "mount " in result.stderr
+    assert loop_devices(tmp_path) == set()
+    assert mounts_under(tmp_path) == []
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd64: Path) -> None:
+    """A mount that is not ours below a workspace: cleanup refuses loudly and deletes nothing through it."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("do not delete\n")
+    env, marker = shim_env(tmp_path, "sgdisk", "typecode")
+    proc = start_build(tmp_path, standin_amd64, "--debug", env=env)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the partition step")
+    workspace = next((tmp_path / "work").iterdir())
+    intruder = workspace / "root" / "srv" / "foreign"
+    intruder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(precious), str(intruder)], check=True)
+    try:
+        os.kill(int(marker.read_text()), signal.SIGTERM)  # let the step go on; the build ends normally
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0
+        assert "refusing to delete" in stderr and str(intruder) in stderr
+        assert (precious / "keep.txt").read_text() == "do not delete\n"
+    finally:
+        subprocess.run(["umount", str(intruder)], check=False)
+    shutil.rmtree(tmp_path / "work")
+
+
+def test_two_builds_same_output_second_refuses(tmp_path: Path, standin_amd64: Path) -> None:
+    env, marker = shim_env(tmp_path, "sgdisk", "typecode")
+    first = start_build(tmp_path, standin_amd64, "--stamp", "20261124T050000Z", env=env)
+    try:
+        wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the first build")
+        second = subprocess.run(
+            [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(standin_amd64),
+             "--no-test", "-o", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work2"),
+             "--stamp", "20261124T050000Z"], capture_output=True, text=True, timeout=120,
+        )
+        assert second.returncode == 2
+        assert "another imagebuild" in second.stderr and "is already building" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+
+
+def test_two_builds_different_outputs_both_succeed(tmp_path: Path, standin_amd64: Path) -> None:
+    builds = [start_build(tmp_path / name, standin_amd64, "--stamp", "20261124T060000Z", output=tmp_path / name / "out")
+              for name in ("a", "b")]
+    for proc in builds:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+    for name in ("a", "b"):
+        assert (tmp_path / name / "out/di-amd64-console-20261124T060000Z.qcow2").is_file()
