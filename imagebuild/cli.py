@@ -24,15 +24,19 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --debug works before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="log every command; show tracebacks")
     parser = argparse.ArgumentParser(
         prog="imagebuild",
         description="Build bootable QCOW2 disk images of Gentoo Linux and prove they boot.",
+        parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"imagebuild {__version__}")
-    parser.add_argument("--debug", action="store_true", help="log every command; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    build = sub.add_parser("build", help="build one image from a spec, then smoke-test it")
+    build = sub.add_parser("build", parents=[common], help="build one image from a spec, then smoke-test it")
     build.add_argument("arch", help="amd64 or arm64")
     build.add_argument("variant", help="console or cloud-init")
     build.add_argument("--spec", type=Path, help="Catalyst-style spec (default: the shipped specs/ARCH/VARIANT.spec)")
@@ -55,23 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", type=Path, help="stage cache (default /var/cache/imagebuild)")
     build.add_argument("--keep-workspace", action="store_true", help="keep the scratch tree for debugging")
 
-    smoke = sub.add_parser("smoke-test", help="boot an image under QEMU + edk2 and check it works")
+    smoke = sub.add_parser("smoke-test", parents=[common], help="boot an image under QEMU + edk2 and check it works")
     smoke.add_argument("image", type=Path)
     smoke.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     smoke.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
     smoke.add_argument("--boot-timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
 
-    inspect = sub.add_parser("inspect", help="audit an image offline (layout, boot files, hygiene, variant)")
+    inspect = sub.add_parser("inspect", parents=[common], help="audit an image offline (layout, boot files, hygiene, variant)")
     inspect.add_argument("image", type=Path)
     inspect.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
 
-    sub.add_parser("doctor", help="list the host tools and features imagebuild needs, and what is missing")
+    sub.add_parser("doctor", parents=[common], help="list the host tools and features imagebuild needs, and what is missing")
 
-    stage = sub.add_parser("standin", help="build (or find cached) the offline stand-in stage and print its path")
+    stage = sub.add_parser("standin", parents=[common], help="build (or find cached) the offline stand-in stage and print its path")
     stage.add_argument("arch", help="amd64 or arm64")
     stage.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
     return parser
@@ -172,6 +176,7 @@ def _cmd_standin(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
     setup_logging(verbose=args.debug)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,

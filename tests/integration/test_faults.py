@@ -110,13 +110,17 @@ def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, stan
 def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
     proc = start_build(tmp_path, standin_amd64, "--debug")
     assert proc.stderr is not None
+    seen = []
     for line in proc.stderr:
+        seen.append(line)
         if line.startswith("‣ Unpacking"):
             break
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    _, rest = proc.communicate(timeout=60)
+    stderr = "".join(seen) + rest
     assert proc.returncode == 130, stderr
+    assert "Configuring" not in stderr, "the signal should have arrived while unpacking"
     assert_nothing_left(tmp_path)
 
 
