@@ -36,6 +36,7 @@ HOST_TOOLS: dict[str, tuple[str, str]] = {
     "umount": ("mount", "sys-apps/util-linux"),
     "chroot": ("coreutils", "sys-apps/coreutils"),
     "cp": ("coreutils", "sys-apps/coreutils"),
+    "tar": ("tar", "app-arch/tar"),
     "mmdebstrap": ("mmdebstrap", "(none: Debian-only tool for the stand-in stage)"),
     "zstd": ("zstd", "app-arch/zstd"),
     "xz": ("xz-utils", "app-arch/xz-utils"),

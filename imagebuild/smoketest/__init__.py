@@ -8,6 +8,7 @@ power off, write the results (JSON, JUnit XML, console log).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from imagebuild.smoketest.console import (
 )
 from imagebuild.smoketest.firmware import Firmware, find_firmware
 from imagebuild.smoketest.qemu import QMP_GONE, QemuMachine, kvm_works
+from imagebuild.smoketest.seed import Seed, write_seed_iso
 from imagebuild.smoketest.results import CheckResult, SmokeResult, write_json, write_junit
 
 __all__ = ["SmokeResult", "CheckResult", "Firmware", "smoke_test", "find_firmware", "checks_for"]
@@ -36,6 +38,9 @@ POWEROFF_TIMEOUT = 60.0
 # Such a run is booted once more before it counts.
 TCG_ARTIFACTS = ("IO-APIC + timer doesn't work",)
 MAX_ATTEMPTS = 2
+
+# How much bigger than the image the cloud-init test's disk is (growpart must use it).
+CLOUD_DISK_EXTRA = 4 * 1024**3
 
 
 def smoke_test(
@@ -62,6 +67,8 @@ def smoke_test(
     accel = "kvm" if kvm_works(arch, firmware) else "tcg"
     paths = result_paths(image, results_dir)
     paths["screenshot"].unlink(missing_ok=True)  # a stale one would look like this run's
+    image_size = int(json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)["virtual-size"])
+    seed = Seed.make() if variant is Variant.cloudinit else None
 
     with complete_step(f"Smoke-testing {image.name} ({arch}, {variant}, {accel.upper()})"):
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -74,17 +81,22 @@ def smoke_test(
                 firmware=str(firmware.code),
                 attempts=attempt,
             )
-            machine = QemuMachine(
-                arch=arch,
-                image=image,
-                firmware=firmware,
-                accel=accel,
-                console_log=paths["console"],
-                qemu_log=paths["qemu"],
-                memory=memory,
-                cpus=cpus,
-            )
-            boot_and_check(machine, result, variant=variant, boot_timeout=boot_timeout, paths=paths)
+            with tempfile.TemporaryDirectory(prefix="imagebuild-seed-") as scratch:
+                machine = QemuMachine(
+                    arch=arch,
+                    image=image,
+                    firmware=firmware,
+                    accel=accel,
+                    console_log=paths["console"],
+                    qemu_log=paths["qemu"],
+                    memory=memory,
+                    cpus=cpus,
+                    # cloud-init: a disk bigger than the image, to see the root grow into it.
+                    disk_size=image_size + CLOUD_DISK_EXTRA if seed else None,
+                    seed=write_seed_iso(seed, Path(scratch) / "seed.iso") if seed else None,
+                )
+                boot_and_check(machine, result, variant=variant, boot_timeout=boot_timeout, paths=paths,
+                               seed=seed, image_size=image_size)
             artifact = next((a for a in TCG_ARTIFACTS if a in result.reason), None)
             if result.passed or accel != "tcg" or artifact is None or attempt == MAX_ATTEMPTS:
                 break
@@ -115,8 +127,14 @@ def boot_and_check(
     variant: Variant,
     boot_timeout: float,
     paths: dict[str, Path],
+    seed: Seed | None = None,
+    image_size: int = 0,
 ) -> None:
-    """One boot of the guest: follow it to a root shell, run the checks, power it off."""
+    """One boot of the guest: follow it to a shell, run the checks, power it off.
+
+    console: log in as root with the empty password. cloud-init: first make sure root with
+    an empty password is refused, then log in as the user the NoCloud seed created.
+    """
     arch, accel = machine.arch, machine.accel
     slowdown = 1.0 if accel == "kvm" else TCG_FACTOR[arch]
     deadlines = boot_deadlines(arch, accel)
@@ -131,12 +149,18 @@ def boot_and_check(
                 boot_timeout=boot_timeout,
                 on_phase=lambda phase: setattr(result, "phase_reached", phase),
             )
-            console.login_root(deadlines["login"])
+            session = GuestSession(console, arch, variant, slowdown=slowdown)
+            if seed is None:
+                console.login_root(deadlines["login"])
+                session.facts["root_password_prompt"] = False
+            else:
+                session.facts.update(seed_hostname=seed.hostname, seed_user=seed.user,
+                                     image_size=image_size, disk_size=image_size + CLOUD_DISK_EXTRA)
+                session.facts["root_login_refused"] = console.login_refused("root", "", deadlines["login"])
+                console.login(seed.user, seed.password, deadlines["login"])
             logged_in = True
             result.phase_reached = "checks"
             checks_started = time.monotonic()
-            session = GuestSession(console, arch, variant, slowdown=slowdown)
-            session.facts["root_password_prompt"] = False
             result.checks = run_checks(session, checks_for(variant))
             result.phase_seconds["checks"] = round(time.monotonic() - checks_started, 2)
             failed = [check.name for check in result.checks if not check.passed]
@@ -153,7 +177,8 @@ def boot_and_check(
             take_screenshot(machine, paths["screenshot"], result)
         else:
             result.phase_reached = "shutdown"
-        power_off(machine, result, logged_in=logged_in, slowdown=slowdown)
+        power_off(machine, result, logged_in=logged_in, slowdown=slowdown,
+                  command="sudo poweroff" if seed else "poweroff")
     result.total_seconds = round(time.monotonic() - started, 2)
 
 
@@ -203,11 +228,12 @@ def take_screenshot(machine: QemuMachine, path: Path, result: SmokeResult) -> No
         logger.info("  screenshot of the failure: %s", path)
 
 
-def power_off(machine: QemuMachine, result: SmokeResult, *, logged_in: bool, slowdown: float) -> None:
+def power_off(machine: QemuMachine, result: SmokeResult, *, logged_in: bool, slowdown: float,
+              command: str = "poweroff") -> None:
     """Power the guest off from its shell; the machine's exit takes over if that fails."""
     started = time.monotonic()
     if logged_in and machine.is_running():
-        machine.console.send("poweroff\r")
+        machine.console.send(f"{command}\r")
         timeout = POWEROFF_TIMEOUT * slowdown
         if not machine.wait_for_exit(timeout) and result.passed:
             result.passed = False

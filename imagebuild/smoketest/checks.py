@@ -160,10 +160,76 @@ ROOT_LOGIN_EMPTY_PASSWORD = Check("root-login-empty-password", check_root_login_
 COMMON_CHECKS = [ARCH, ROOT_XFS, BOOT_VFAT, NO_FAILED_UNITS]
 
 
+# How long `cloud-init status --wait` may take after login (KVM seconds, scaled for TCG):
+# the final stage runs after the getty starts.
+CLOUD_INIT_TIMEOUT = 120.0
+
+
+def check_cloud_init_done(session: GuestSession) -> tuple[bool, str]:
+    timeout = CLOUD_INIT_TIMEOUT * session.slowdown
+    result = session.run(f"timeout {timeout:.0f} cloud-init status --wait --long", timeout=CLOUD_INIT_TIMEOUT + 30)
+    summary = "; ".join(line.strip() for line in result.output.splitlines()
+                        if line.strip() and line.strip("."))[-400:]
+    status = next((line.split(":", 1)[1].strip() for line in result.output.splitlines()
+                   if line.startswith("status:")), "unknown")
+    # Exit 0: done without errors; 1: an error; 2: done with recoverable errors (23.4+).
+    errors = [line for line in result.output.splitlines() if line.startswith("errors:") and line.strip() != "errors: []"]
+    if result.status == 0 and status == "done" and not errors:
+        return True, summary
+    return False, f"cloud-init status {status!r}, exit {result.status}: {summary}"
+
+
+def check_hostname(session: GuestSession) -> tuple[bool, str]:
+    want = str(session.facts["seed_hostname"])
+    got = _last_line(session.run("hostname"))
+    return got == want, f"hostname is {got!r} (the seed's meta-data asked for {want!r})"
+
+
+def check_seeded_login(session: GuestSession) -> tuple[bool, str]:
+    user = session.facts["seed_user"]
+    who = _last_line(session.run("id -un"))
+    return who == user, f"logged in on the console as the seeded user {who!r} with its password"
+
+
+def check_root_login_refused(session: GuestSession) -> tuple[bool, str]:
+    refused, detail = session.facts.get("root_login_refused", (False, "not tried"))  # type: ignore[misc]
+    return bool(refused), str(detail)
+
+
+def check_host_keys_made_at_boot(session: GuestSession) -> tuple[bool, str]:
+    # A key is "made at boot" when it is younger than the running system.
+    result = session.run(
+        "boot=$(( $(date +%s) - $(cut -d. -f1 /proc/uptime) - 5 ));"
+        " for k in /etc/ssh/ssh_host_*_key.pub; do [ -e \"$k\" ] || continue;"
+        " echo \"$k $(stat -c %Y \"$k\") $boot\"; done")
+    keys = [line.split() for line in result.output.splitlines() if line.startswith("/etc/ssh/")]
+    if not keys:
+        return False, "no SSH host keys in /etc/ssh"
+    old = [k[0] for k in keys if int(k[1]) < int(k[2])]
+    names = ", ".join(k[0].rsplit("/", 1)[1] for k in keys)
+    return not old, f"made at this boot: {names}" if not old else f"older than this boot: {', '.join(old)}"
+
+
+def check_root_grown(session: GuestSession) -> tuple[bool, str]:
+    disk, nominal = int(session.facts["disk_size"]), int(session.facts["image_size"])  # type: ignore[arg-type]
+    size = int(_last_line(session.run("findmnt -bno SIZE /")) or 0)
+    # Grown means: bigger than the whole nominal image could hold, and close to the disk.
+    grown = size > nominal and size > disk - 1024**3
+    return grown, (f"/ is {size / 2**30:.1f} GiB on a {disk / 2**30:.0f} GiB disk "
+                   f"(the image's nominal size is {nominal / 2**30:.0f} GiB)")
+
+
+CLOUD_INIT_DONE = Check("cloud-init-done", check_cloud_init_done)
+HOSTNAME = Check("hostname-from-seed", check_hostname)
+SEEDED_LOGIN = Check("seeded-login", check_seeded_login)
+ROOT_LOGIN_REFUSED = Check("root-empty-password-refused", check_root_login_refused)
+HOST_KEYS = Check("ssh-host-keys-made-at-boot", check_host_keys_made_at_boot)
+ROOT_GROWN = Check("root-grown-to-disk", check_root_grown)
+
+
 def checks_for(variant: Variant) -> list[Check]:
-    """The checks an image of ``variant`` must pass once a root shell is open."""
+    """The checks an image of ``variant`` must pass once a shell is open."""
     if variant is Variant.console:
         return [*COMMON_CHECKS, NOTHING_LISTENING, ROOT_LOGIN_EMPTY_PASSWORD]
-    # cloud-init: the NoCloud seed, `cloud-init status --long`, hostname and seeded-login
-    # checks belong here; until they exist the common checks run through the console flow.
-    return list(COMMON_CHECKS)
+    # cloud-init first: the other checks need what it configures (the root grown, keys made).
+    return [CLOUD_INIT_DONE, *COMMON_CHECKS, HOSTNAME, SEEDED_LOGIN, ROOT_LOGIN_REFUSED, HOST_KEYS, ROOT_GROWN]

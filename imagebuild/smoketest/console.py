@@ -204,6 +204,10 @@ class Console:
 
     def login_root(self, timeout: float) -> None:
         """Log in as root with an empty password; GuestFailure if a password is asked for."""
+        self.login("root", None, timeout)
+
+    def _send_login(self, user: str, timeout: float) -> str:
+        """Type ``user`` at the login prompt; what came back: password, incorrect, or prompt."""
         start = time.monotonic()
         candidates = [
             ("password", r"[Pp]assword: ?", ""),
@@ -211,20 +215,48 @@ class Console:
             ("login", r"login: ", ""),
             ("prompt", r"[#$] ", ""),
         ]
-        self.spawn.send("root\r")
+        self.spawn.send(f"{user}\r")
         # A getty restarted late in the boot prints a fresh prompt and drops what we typed.
         for _ in range(3):
             kind, _, _ = self._expect(candidates, timeout - (time.monotonic() - start))
             if kind != "login":
-                break
-            self.spawn.send("root\r")
+                return kind
+            self.spawn.send(f"{user}\r")
+        return kind
+
+    def login_refused(self, user: str, password: str, timeout: float) -> tuple[bool, str]:
+        """Try ``user`` with ``password`` at the login prompt; (refused, what happened).
+
+        Leaves the console at a fresh login prompt either way.
+        """
+        kind = self._send_login(user, timeout)
         if kind == "password":
-            self._fail("root password is not empty (login asked for a password)")
+            self.spawn.send(f"{password}\r")
+            kind, _, _ = self._expect([("incorrect", r"Login incorrect", ""), ("prompt", r"[#$] ", "")], timeout)
+        if kind == "prompt":
+            self.spawn.send("exit\r")
+            self._expect([("login", r"login: ", "")], timeout)
+            return False, f"{user} logged in with password {password!r}"
         if kind == "incorrect":
-            self._fail("root cannot log in on the console (Login incorrect)")
+            self._expect([("login", r"login: ", "")], timeout)
+            return True, f"{user} with password {password!r}: Login incorrect"
+        return False, f"no answer to a login as {user}; last console line: {self.last_line()!r}"
+
+    def login(self, user: str, password: str | None, timeout: float) -> None:
+        """Log in as ``user`` (``password`` None: it must need none); GuestFailure if that fails."""
+        start = time.monotonic()
+        kind = self._send_login(user, timeout)
+        if kind == "password":
+            if password is None:
+                self._fail(f"{user} password is not empty (login asked for a password)")
+            self.spawn.send(f"{password}\r")
+            kind, _, _ = self._expect([("incorrect", r"Login incorrect", ""), ("prompt", r"[#$] ", "")],
+                                      timeout - (time.monotonic() - start))
+        if kind == "incorrect":
+            self._fail(f"{user} cannot log in on the console (Login incorrect)")
         if kind != "prompt":
             self._fail(
-                f"no shell prompt {timeout:.0f}s after logging in as root;"
+                f"no shell prompt {timeout:.0f}s after logging in as {user};"
                 f" last console line: {self.last_line()!r}"
             )
         # Quiet the console: no colours or pager, kernel messages only if fatal, and (on

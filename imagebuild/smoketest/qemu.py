@@ -29,7 +29,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from imagebuild.config import Arch
 from imagebuild.errors import SmokeTestError
 from imagebuild.log import logger
-from imagebuild.run import find_tool
+from imagebuild.run import find_tool, run
 from imagebuild.smoketest.firmware import MACHINE_ALIAS, Firmware
 
 # What QMP raises once QEMU has gone away; after a power-off that is the expected end.
@@ -121,6 +121,8 @@ class QemuMachine:
         memory: str = "2G",
         cpus: int = 2,
         extra_args: Sequence[str] = (),
+        disk_size: int | None = None,
+        seed: Path | None = None,
     ) -> None:
         self.arch = arch
         self.image = image.resolve()
@@ -131,6 +133,10 @@ class QemuMachine:
         self.memory = memory
         self.cpus = cpus
         self.extra_args = list(extra_args)
+        # A bigger disk than the image (a throwaway qcow2 overlay of that size), so the
+        # guest can show it grows its root; and a NoCloud seed as a second, read-only disk.
+        self.disk_size = disk_size
+        self.seed = seed
         self.command: list[str] = []
         self._tmp: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -184,8 +190,13 @@ class QemuMachine:
             "-smp", str(self.cpus),
             *_pflash_args(self.firmware, tmp / f"vars.{self.firmware.format}"),
             # snapshot=on: writes go to a throwaway overlay, the image is never changed.
-            "-drive", f"file={_escape(self.image)},if=virtio,format=qcow2,snapshot=on",
+            "-drive", f"file={_escape(self._disk(tmp))},if=virtio,format=qcow2,snapshot=on",
+            *(["-drive", f"file={_escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
             "-device", "virtio-rng-pci",
+            # A NIC on QEMU's user network, isolated from the host's (restrict=on): DHCP works,
+            # nothing gets out. The console image must leave it alone; cloud-init uses it.
+            "-netdev", "user,id=net0,restrict=on",
+            "-device", "virtio-net-pci,netdev=net0",
             # wait=on: the guest does not start before we are connected, so nothing is lost.
             "-chardev", f"socket,id=serial0,path={_escape(tmp / 'serial.sock')},server=on,wait=on",
             "-serial", "chardev:serial0",
@@ -196,6 +207,9 @@ class QemuMachine:
             *self.extra_args,
         ]  # fmt: skip
 
+    def _disk(self, tmp: Path) -> Path:
+        return tmp / "grown.qcow2" if self.disk_size else self.image
+
     # -- launch -----------------------------------------------------------------------------
 
     def launch(self) -> None:
@@ -205,6 +219,9 @@ class QemuMachine:
             shutil.copyfile(
                 self.firmware.vars_template, self._tmp / f"vars.{self.firmware.format}"
             )
+            if self.disk_size:
+                run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image, "-F", "qcow2",
+                     self._disk(self._tmp), str(self.disk_size)])
             self.command = self.build_command(self._tmp)
             # QMP: we listen, QEMU connects as a client as soon as it parses -chardev.
             self._qmp = QEMUMonitorProtocol(str(self._tmp / "qmp.sock"), server=True)
