@@ -62,6 +62,27 @@ def mounts_under(path: Path) -> list[str]:
     return [line.split()[4] for line in text.splitlines() if line.split()[4].startswith(str(path))]
 
 
+def qemu_processes() -> set[int]:
+    """PIDs of running qemu-system-* processes (read from /proc; zombies do not count)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if comm.startswith("qemu-system") and state != "Z":
+            pids.add(int(entry.name))
+    return pids
+
+
+def private_dirs() -> set[Path]:
+    """The per-run directories (VARS copy, sockets) QemuMachine creates."""
+    return set(Path(tempfile.gettempdir()).glob("imagebuild-qemu-*"))
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return CACHE_DIR

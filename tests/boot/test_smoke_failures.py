@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import qemu_processes
+
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import SmokeTestError
 from imagebuild.smoketest import smoke_test
@@ -23,27 +25,6 @@ from imagebuild.smoketest.qemu import QemuMachine
 pytestmark = pytest.mark.boot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def qemu_processes() -> set[int]:
-    """PIDs of running qemu-system-* processes (read from /proc; zombies do not count)."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if comm.startswith("qemu-system") and state != "Z":
-            pids.add(int(entry.name))
-    return pids
-
-
-def private_dirs() -> set[Path]:
-    """The per-run directories (VARS copy, sockets) QemuMachine creates."""
-    return set(Path(tempfile.gettempdir()).glob("imagebuild-qemu-*"))
 
 
 def sha256(path: Path) -> str:
@@ -195,30 +176,6 @@ def with_grub_cfg_edit(image: Path, tmp_path: Path, old: str, new: str) -> Path:
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(broken)], check=True)
     raw.unlink()
     return broken
-
-
-def test_console_image_boots_logs_in_and_passes_every_check(
-    console_image_amd64: Path, tmp_path: Path
-) -> None:
-    digest = sha256(console_image_amd64)
-    before = qemu_processes()
-
-    result = smoke_test(console_image_amd64, arch=Arch.amd64, variant=Variant.console,
-                        results_dir=tmp_path)  # fmt: skip
-
-    assert result.passed, f"{result.reason} (console log: {result.console_log})"
-    assert [c.name for c in result.checks] == [
-        "arch", "root-xfs", "boot-vfat", "no-failed-units", "nothing-listening",
-        "root-login-empty-password",
-    ]  # fmt: skip
-    assert all(c.passed for c in result.checks)
-    assert set(result.phase_seconds) >= {"firmware", "grub", "kernel", "login", "checks", "shutdown"}
-    assert result.screenshot is None
-    assert "__IB_END_" in Path(result.console_log or "").read_text()
-    suite = ET.parse(tmp_path / f"{console_image_amd64.name}.smoke.xml").getroot()
-    assert (suite.get("tests"), suite.get("failures")) == ("10", "0")
-    assert qemu_processes() - before == set()
-    assert sha256(console_image_amd64) == digest, "booting wrote to the image"
 
 
 def test_kernel_grub_cannot_find_fails_in_the_grub_phase(
