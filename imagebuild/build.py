@@ -11,11 +11,12 @@ import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
-from imagebuild.chroot import check_can_execute
+from imagebuild.chroot import check_can_execute, check_stage_arch
 from imagebuild.config import BuildConfig, InitSystem, Variant
 from imagebuild.configure import (
     Kernel,
@@ -40,7 +41,7 @@ from imagebuild.output import (
     write_contents,
     write_json,
 )
-from imagebuild.run import require_tools
+from imagebuild.run import require_tools, run
 from imagebuild.unpack import unpack_stage
 from imagebuild.workspace import Workspace, output_lock
 
@@ -59,6 +60,7 @@ class Context:
     disk: DiskLayout | None = None
     ids: Identifiers | None = None
     outputs: dict[str, Path] = dataclasses.field(default_factory=dict)  # final path -> temporary path
+    shared: SharedStage | None = None  # an unpacked stage several builds of one arch share
 
     @property
     def root(self) -> Path:
@@ -112,14 +114,44 @@ def acquire_stage(ctx: Context) -> None:
 
 
 def unpack(ctx: Context) -> None:
+    if ctx.shared is not None:
+        ctx.stage_tarball = ctx.shared.tarball
+        with complete_step(f"Copying the shared unpacked {ctx.shared.tarball.name}"):
+            # cp -a keeps owners, modes, xattrs and hardlinks; reflinks make it nearly free on XFS.
+            ctx.root.mkdir()
+            run(["cp", "-a", "--reflink=auto", f"{ctx.shared.tree}/.", ctx.root])
+        return
     assert ctx.stage_tarball is not None
     with complete_step(f"Unpacking {ctx.stage_tarball.name}"):
         count = unpack_stage(ctx.stage_tarball, ctx.root)
         logger.info("  %d entries", count)
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedStage:
+    tarball: Path
+    tree: Path
+
+
+@contextlib.contextmanager
+def shared_stage(config: BuildConfig) -> Iterator[SharedStage]:
+    """Fetch and unpack ``config``'s stage once, for every build of that arch to copy from.
+
+    The release job builds console and cloud-init from one stage; unpacking it once saves
+    a decompression and a tar walk per extra variant.
+    """
+    with contextlib.ExitStack() as stack:
+        workspace = stack.enter_context(Workspace(config.work_dir, f"stage-{config.arch.value}"))
+        ctx = Context(config=config, workspace=workspace, stack=stack)
+        acquire_stage(ctx)
+        unpack(ctx)
+        assert ctx.stage_tarball is not None
+        yield SharedStage(tarball=ctx.stage_tarball, tree=ctx.root)
+
+
 def inspect_stage(ctx: Context) -> None:
     """What the image needs from the stage: a kernel, GRUB modules, a runnable userland."""
+    check_stage_arch(ctx.root, ctx.config.arch)
     ctx.kernel = find_kernel(ctx.root)
     grub_module_dir(ctx.root, ctx.config.arch)
     check_can_execute(ctx.root, ctx.config.arch)
@@ -221,16 +253,17 @@ def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, obj
     }
 
 
-def build_image(config: BuildConfig, *, keep_workspace: bool = False) -> Path:
-    """Build ``config.image_path`` from its stage; return the image's path."""
+def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None) -> Path:
+    """Build ``config.image_path`` from its stage (or a ``shared`` unpacked one); return its path."""
     check_prerequisites(config)
     with contextlib.ExitStack() as stack:
         stack.enter_context(output_lock(config.image_path))
         workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"
                                                   f"{config.variant.file_part}", keep=keep_workspace))
         ctx = Context(config=config, workspace=workspace, stack=stack,
-                      ids=Identifiers.make(config.image_name))
-        acquire_stage(ctx)
+                      ids=Identifiers.make(config.image_name), shared=shared)
+        if shared is None:
+            acquire_stage(ctx)
         unpack(ctx)
         inspect_stage(ctx)
         configure(ctx)

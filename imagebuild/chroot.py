@@ -20,6 +20,29 @@ from imagebuild.run import run
 _HOST_ARCH = {"x86_64": Arch.amd64, "aarch64": Arch.arm64}
 
 
+# ELF e_machine values (offset 18, little-endian on both architectures).
+_ELF_MACHINE = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0x03: "i386", 0xF3: "riscv64"}
+
+
+def check_stage_arch(root: Path, arch: Arch) -> None:
+    """The stage's programs are built for ``arch`` (read from the ELF header of its /bin/sh)."""
+    from imagebuild.customize import inside_root
+
+    shell = inside_root(root, "/bin/sh", follow_last=True)
+    try:
+        header = shell.read_bytes()[:20]
+    except OSError:
+        raise StageError(f"the stage has no /bin/sh ({shell})", hint="use a complete stage3 or seed") from None
+    if header[:4] != b"\x7fELF":
+        raise StageError(f"the stage's /bin/sh is not an ELF program ({shell})", hint="use a complete stage3 or seed")
+    machine = _ELF_MACHINE.get(int.from_bytes(header[18:20], "little"), f"machine {header[18:20].hex()}")
+    if machine != arch.uname:
+        raise StageError(
+            f"the stage is for {machine}, but an image for {arch.value} ({arch.uname}) was asked for",
+            hint=f"use a {arch.value} stage, or build the image for the stage's architecture",
+        )
+
+
 def check_can_execute(root: Path, arch: Arch) -> None:
     """Fail early, with the fix, when the tree's binaries cannot run on this host."""
     if _HOST_ARCH.get(platform.machine()) == arch:

@@ -17,6 +17,28 @@ STRICT = bool(os.environ.get("CI")) or bool(os.environ.get("IMAGEBUILD_STRICT"))
 CACHE_DIR = Path(os.environ.get("IMAGEBUILD_CACHE_DIR", "/var/cache/imagebuild"))
 
 
+_AT_START: dict[str, set] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _AT_START["loops"] = loop_devices()
+    _AT_START["qemu"] = qemu_processes()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole suite nothing may be left: no loop device, no QEMU, no mount in a test dir."""
+    loops = loop_devices() - _AT_START.get("loops", set())
+    qemus = qemu_processes() - _AT_START.get("qemu", set())
+    mounts = [m for m in mounts_under(Path("/tmp")) if "pytest-of-" in m or "imagebuild-" in m]
+    if loops or qemus or mounts:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = (f"the test suite left resources behind: loop devices {sorted(loops)}, "
+                f"QEMU processes {sorted(qemus)}, mounts {mounts}")
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The directory decides the tier when a test module does not say it itself.
     for item in items:

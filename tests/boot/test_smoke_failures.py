@@ -193,3 +193,27 @@ def test_kernel_grub_cannot_find_fails_in_the_grub_phase(
     assert result.screenshot and Path(result.screenshot).read_bytes()[:8] == PNG_MAGIC
     assert result.total_seconds < 60
     assert qemu_processes() - before == set()
+
+
+@pytest.mark.parametrize("old, new, phase", [
+    # GRUB waits forever before loading the kernel.
+    ("\techo 'Loading Linux", "\tsleep 3600\n\techo 'Loading Linux", "grub"),
+    # The kernel runs, but PID 1 never starts a getty: no login prompt ever comes.
+    ("console=tty0\n", "console=tty0 init=/bin/sh\n", "kernel"),
+], ids=["grub", "kernel"])
+def test_hang_ends_at_the_deadline_naming_the_phase(
+    console_image_amd64: Path, tmp_path: Path, old: str, new: str, phase: str
+) -> None:
+    hung = with_grub_cfg_edit(console_image_amd64, tmp_path, old, new)
+    before = qemu_processes()
+    started = time.monotonic()
+
+    result = smoke_test(hung, arch=Arch.amd64, variant=Variant.console, results_dir=tmp_path / "results",
+                        boot_timeout=75)  # fmt: skip
+
+    assert not result.passed
+    assert result.phase_reached == phase
+    assert f"stuck in the {phase} phase" in result.reason
+    assert time.monotonic() - started < 75 + 45, "the run must end at its deadline"
+    assert result.screenshot and Path(result.screenshot).read_bytes()[:8] == PNG_MAGIC
+    assert qemu_processes() - before == set()

@@ -148,3 +148,16 @@ def test_doctor_names_the_missing_tool_and_its_packages(tmp_path: Path) -> None:
     assert "Debian: xfsprogs" in lines[row + 1] and "Gentoo: sys-fs/xfsprogs" in lines[row + 1]
     assert "found    mkfs.vfat" in result.stdout
     assert lines[-1].startswith("missing: mkfs.xfs")
+
+
+def test_stage_of_the_wrong_architecture(tmp_path: Path, standin_amd64: Path) -> None:
+    result = imagebuild(tmp_path, "build", "arm64", "console", "--stage", str(standin_amd64))
+    assert "the stage is for x86_64, but an image for arm64 (aarch64) was asked for" in result.stderr
+
+
+def test_stage_without_grub_modules(tmp_path: Path) -> None:
+    dash = Path("/bin/dash").read_bytes()
+    stage = _tarball(tmp_path / "seed.tar", {"bin/sh": dash, "etc/shadow": b"root:*:1::::::\n",
+                                            "boot/vmlinuz-6.6.0-gentoo-dist": b"kernel"})
+    result = imagebuild(tmp_path, "build", "amd64", "console", "--stage", str(stage))
+    assert "no GRUB modules for x86_64-efi" in result.stderr and "GRUB_PLATFORMS" in result.stderr
