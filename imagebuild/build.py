@@ -27,6 +27,7 @@ from imagebuild.configure import (
     find_kernel,
     write_system_files,
 )
+from imagebuild.customize import apply_stage2_keys
 from imagebuild.disk import DiskLayout, Identifiers, make_esp, make_root, partition_image
 from imagebuild.errors import ConfigError, ImageError, StageError
 from imagebuild.mirror import fetch_stage
@@ -171,6 +172,9 @@ def configure(ctx: Context) -> None:
             configure_console(ctx.root, config.arch, ctx.init)
         else:
             configure_cloudinit(ctx.root, config.arch, ctx.init, config.image_name)
+        if config.spec is not None:
+            # Catalyst's diskimage-stage2 keys, after the variant (as diskimagefs-update.sh runs first).
+            apply_stage2_keys(ctx.root, config.spec, config.arch, ctx.init)
 
 
 def install_bootloader(ctx: Context) -> None:

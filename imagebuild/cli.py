@@ -73,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
 
+    seed = sub.add_parser("stage1", parents=[common],
+                          help="diskimage-stage1: emerge a spec's diskimage/packages into a stage, write a seed")
+    seed.add_argument("arch", help="amd64 or arm64")
+    seed.add_argument("--spec", type=Path, required=True, help="a diskimage-stage1 spec (Catalyst syntax)")
+    seed.add_argument("--stage", required=True, metavar="SOURCE", help="stage3 tarball path, or 'standin'")
+    seed.add_argument("-o", "--output", type=Path, required=True, help="seed tarball to write (.tar, .tar.xz, .tar.zst)")
+    seed.add_argument("--repo", type=Path, help="ebuild repository to bind-mount at /var/db/repos/gentoo")
+    seed.add_argument("--getbinpkg", action="store_true", help="let emerge fetch binary packages (--getbinpkg)")
+    seed.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                      help="value for a spec placeholder @NAME@ (repeatable)")
+    seed.add_argument("--work-dir", type=Path, default=Path("/var/tmp/imagebuild"))
+    seed.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
+
     sub.add_parser("doctor", parents=[common], help="list the host tools and features imagebuild needs, and what is missing")
 
     stage = sub.add_parser("standin", parents=[common], help="build (or find cached) the offline stand-in stage and print its path")
@@ -81,16 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from imagebuild.build import build_image
-    from imagebuild.settings import Overrides, resolve
-
+def _placeholders(items: list[str]) -> list[tuple[str, str]]:
     placeholders = []
-    for item in args.set:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ImagebuildError(f"--set '{item}' is not NAME=VALUE", hint="for example --set TREEISH=abc123")
         placeholders.append((name, value))
+    return placeholders
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from imagebuild.build import build_image
+    from imagebuild.settings import Overrides, resolve
+
+    placeholders = _placeholders(args.set)
     config = resolve(
         Arch.parse(args.arch),
         Variant.parse(args.variant),
@@ -159,6 +177,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return _inspect(args.image, arch, variant, args.json, args.keep_caches)
 
 
+def _cmd_stage1(args: argparse.Namespace) -> int:
+    from imagebuild.settings import make_stamp
+    from imagebuild.spec import load_spec
+    from imagebuild.stage1 import build_seed
+    from imagebuild.standin import ensure_standin
+
+    arch = Arch.parse(args.arch)
+    placeholders = {"TIMESTAMP": make_stamp(), **dict(_placeholders(args.set))}
+    spec = load_spec(args.spec, placeholders=placeholders, variables={"arch": arch.value})
+    stage = ensure_standin(arch, args.cache_dir.resolve()) if args.stage == "standin" else Path(args.stage)
+    seed = build_seed(spec, stage, args.output, arch=arch, work_dir=args.work_dir.resolve(),
+                      getbinpkg=args.getbinpkg, repo=args.repo)
+    logger.info("✓ seed %s", seed)
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from imagebuild.doctor import diagnose, report
 
@@ -181,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,
                 "doctor": _cmd_doctor,
+                "stage1": _cmd_stage1,
                 "standin": _cmd_standin}
     try:
         return commands[args.command](args)

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import re
 from pathlib import Path
+from typing import Any
 
 from imagebuild.errors import ConfigError
 
@@ -169,6 +170,9 @@ class BuildConfig:
     mirror: str = "https://distfiles.gentoo.org"
     flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
     keyring: Path | None = None
+    # The loaded spec, for Catalyst's diskimage-stage2 keys (rcadd, unmerge, empty, rm,
+    # fsscript) that customize.apply_stage2_keys validates and applies.
+    spec: Any = None
     work_dir: Path = Path("/var/tmp/imagebuild")
     cache_dir: Path = Path("/var/cache/imagebuild")
 

@@ -114,6 +114,7 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         smoke_test=True if smoke is None else smoke,
         boot_timeout=float(timeout) if timeout else 600.0,
         spec_path=spec_path,
+        spec=spec,
         work_dir=(opts.work_dir or defaults["work_dir"].default).resolve(),  # type: ignore[union-attr]
         cache_dir=(opts.cache_dir or defaults["cache_dir"].default).resolve(),  # type: ignore[union-attr]
     )
