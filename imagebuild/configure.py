@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 from imagebuild.chroot import chroot_mounts, chroot_run
-from imagebuild.config import Arch, ImageLayout, InitSystem, Variant
+from imagebuild.config import Arch, ImageLayout, InitSystem
 from imagebuild.errors import StageError
 from imagebuild.log import logger
-from imagebuild.mounts import remove_tree
+from imagebuild.mounts import empty_directory
 from imagebuild.render import render
 
 # Services that would put the console variant on the network.
@@ -257,8 +257,4 @@ def clean_tree(root: Path) -> None:
     for scratch in ("tmp", "var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
         directory = root / scratch
         if directory.is_dir() and not directory.is_symlink():
-            for entry in directory.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    remove_tree(entry)
-                else:
-                    entry.unlink()
+            empty_directory(directory)

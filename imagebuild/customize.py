@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 
 from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
 from imagebuild.config import Arch, InitSystem
-from imagebuild.errors import SpecError, StageError, WorkspaceError
+from imagebuild.errors import SpecError, StageError
 from imagebuild.log import complete_step, logger
-from imagebuild.mounts import mounts_below
+from imagebuild.mounts import empty_directory, remove_tree
 from imagebuild.run import run
 from imagebuild.spec import Spec
 
@@ -139,29 +139,6 @@ def _descendants(directory: Path, *, dirs_only: bool) -> list[Path]:
     return out
 
 
-def _refuse_mounts(path: Path) -> None:
-    live = mounts_below(path)
-    if live:
-        raise WorkspaceError(f"refusing to delete in {path}: mounted below it: "
-                             f"{', '.join(map(str, live))}", hint="unmount these first")
-
-
-def remove_path(path: Path) -> None:
-    """Remove ``path`` without following a symlink and never through a mount point."""
-    _refuse_mounts(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-def empty_directory(path: Path) -> None:
-    """Delete what ``path`` holds and keep the directory itself (mode, owner, xattrs)."""
-    _refuse_mounts(path)
-    for entry in os.scandir(path):
-        remove_path(Path(entry.path))
-
-
 # --- emerge in the chroot --------------------------------------------------------------------
 
 def require_emerge(root: Path, why: str) -> None:
@@ -272,7 +249,7 @@ def remove_paths(root: Path, spec: Spec) -> None:
             for path in matches:
                 if path == root:
                     raise SpecError(f"{spec.where(key)}: '{entry}' resolves to the whole root")
-                remove_path(path)
+                remove_tree(path)
             logger.debug("  rm %s: %d match(es)", entry, len(matches))
 
 

@@ -131,12 +131,16 @@ class LoopDevice:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete ``path`` recursively, refusing loudly if anything is still mounted below it.
+    """Delete ``path`` (recursively, never following a symlink), refusing loudly if anything
+    is still mounted below it.
 
     Deleting through a live bind mount of /dev or / is how image builders have wiped hosts;
     the check runs immediately before the deletion, not earlier.
     """
     if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
         return
     live = mounts_below(path)
     if live:
@@ -145,3 +149,15 @@ def remove_tree(path: Path) -> None:
             hint="unmount these (umount -R) and delete the directory by hand, after checking what they are",
         )
     shutil.rmtree(path)
+
+
+def empty_directory(path: Path) -> None:
+    """Delete what ``path`` holds and keep the directory itself (mode, owner, xattrs)."""
+    live = mounts_below(path)
+    if live:
+        raise WorkspaceError(
+            f"refusing to empty {path}: still mounted below it: {', '.join(map(str, live))}",
+            hint="unmount these first",
+        )
+    for entry in os.scandir(path):
+        remove_tree(Path(entry.path))

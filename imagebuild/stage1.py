@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 
 from imagebuild.chroot import check_can_execute, chroot_mounts
 from imagebuild.config import Arch
-from imagebuild.customize import CHROOT_PATH, empty_directory, inside_root, remove_path, require_emerge, run_merge
+from imagebuild.customize import CHROOT_PATH, inside_root, require_emerge, run_merge
+from imagebuild.mounts import empty_directory, remove_tree
 from imagebuild.errors import ConfigError, SpecError, StageError, WorkspaceError
 from imagebuild.log import complete_step, logger
 from imagebuild.mounts import mounted, mounts_below
@@ -128,7 +129,7 @@ def prepare_portage(root: Path, spec: Spec, confdir: Path | None) -> None:
         if ".." in PurePosixPath(path).parts or path.startswith("/") or not re.fullmatch(r"[\w.+-]+", repo):
             raise SpecError(f"{spec.where('profile')}: profile '{profile}' is not a path below profiles/",
                             hint="write it as Catalyst does, e.g. default/linux/amd64/23.0/systemd")
-        remove_path(port_conf / "make.profile")
+        remove_tree(port_conf / "make.profile")
         (port_conf / "make.profile").symlink_to(
             f"../../var/db/repos/{repo}/profiles/{path}", target_is_directory=True)
     if confdir is not None:

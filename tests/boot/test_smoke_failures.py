@@ -7,14 +7,13 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from conftest import qemu_processes
+from conftest import private_dirs, qemu_processes
 
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import SmokeTestError
