@@ -28,7 +28,15 @@ from imagebuild.configure import (
     write_system_files,
 )
 from imagebuild.customize import apply_stage2_keys
-from imagebuild.disk import DiskLayout, Identifiers, make_esp, make_root, partition_image
+from imagebuild.disk import (
+    DiskLayout,
+    Identifiers,
+    check_free_space,
+    make_esp,
+    make_root,
+    partition_image,
+    tree_size,
+)
 from imagebuild.errors import ConfigError, ImageError, StageError
 from imagebuild.mirror import fetch_stage
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
@@ -194,6 +202,7 @@ def clean(ctx: Context) -> None:
 def make_disk(ctx: Context) -> None:
     config, ids = ctx.config, ctx.ids
     assert ids is not None
+    check_free_space(ctx.workspace, tree_size(ctx.root) + tree_size(ctx.esp))
     with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image (GPT)"):
         ctx.disk = partition_image(ctx.raw, config.layout, config.arch, ids)
     with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +159,19 @@ def check_fits(what: str, needed: int, available: int, option: str) -> None:
         raise ImageError(
             f"the {what} needs about {needed // MiB} MiB but the partition holds only {available // MiB} MiB",
             hint=f"make the image larger ({option}); the image is sparse, so size costs little disk",
+        )
+
+
+def check_free_space(directory: Path, data: int) -> None:
+    """The sparse raw image takes as much real space as the data written into it (plus
+    filesystem metadata): check before writing, rather than fail with I/O errors half-way."""
+    needed = int(data * 1.1) + 128 * MiB
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ImageError(
+            f"not enough free space in {directory} for the raw image: about {needed // MiB} MiB needed, "
+            f"{free // MiB} MiB free",
+            hint="free space there or point --work-dir at a larger filesystem",
         )
 
 

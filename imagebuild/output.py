@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from imagebuild.config import Compression
+from imagebuild.errors import CommandError, ImageError
 from imagebuild.run import run
 
 _CHUNK = 4 * 1024 * 1024
@@ -29,7 +30,16 @@ def convert_to_qcow2(raw: Path, target: Path, compression: Compression) -> None:
     cmd: list[str | Path] = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", "-m", "16", "-W"]
     if compression == Compression.zstd:
         cmd += ["-o", "compression_type=zstd"]
-    run([*cmd, raw, target])
+    try:
+        run([*cmd, raw, target])
+    except CommandError as exc:
+        if "No space left" in exc.message:
+            raise ImageError(
+                f"no space left in {target.parent} while writing the qcow2 image",
+                hint="free space there or choose another --output; the image needs up to the size of "
+                "the root tree (compressed, usually less)",
+            ) from exc
+        raise
 
 
 def file_digests(path: Path) -> dict[str, str]:

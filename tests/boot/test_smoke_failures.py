@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -216,3 +218,30 @@ def test_hang_ends_at_the_deadline_naming_the_phase(
     assert time.monotonic() - started < 75 + 45, "the run must end at its deadline"
     assert result.screenshot and Path(result.screenshot).read_bytes()[:8] == PNG_MAGIC
     assert qemu_processes() - before == set()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_the_smoke_test(console_image_amd64: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """The last pipeline step, interrupted: the run stops within seconds and no QEMU survives."""
+    digest = sha256(console_image_amd64)
+    before = qemu_processes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagebuild", "smoke-test", str(console_image_amd64), "--results", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log = tmp_path / f"{console_image_amd64.name}.console.log"
+    deadline = time.monotonic() + 120
+    # Wait until the guest is past the firmware: QEMU runs and the kernel is booting.
+    while not (log.exists() and "Linux version" in log.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the guest never reached its kernel"
+        time.sleep(0.2)
+    assert qemu_processes() - before, "QEMU should be running now"
+    start = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 130, stderr
+    assert f"interrupted by {sig.name}" in stderr and "Traceback" not in stderr
+    assert qemu_processes() - before == set(), "a QEMU process survived the signal"
+    assert sha256(console_image_amd64) == digest
