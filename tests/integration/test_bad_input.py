@@ -72,7 +72,8 @@ def test_truncated_stage(tmp_path: Path) -> None:
 
 
 def test_stage_without_kernel(tmp_path: Path) -> None:
-    stage = _tarball(tmp_path / "seed.tar", {"etc/shadow": b"root:*:1::::::\n", "boot/README": b"empty\n"})
+    stage = _tarball(tmp_path / "seed.tar", {"bin/sh": Path("/bin/dash").read_bytes(),
+                                            "etc/shadow": b"root:*:1::::::\n", "boot/README": b"empty\n"})
     result = imagebuild(tmp_path, "build", "amd64", "console", "--stage", str(stage))
     assert "no kernel in /boot" in result.stderr
     assert "gentoo-kernel" in result.stderr
