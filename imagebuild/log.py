@@ -20,7 +20,6 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger("imagebuild")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
 
 
 @contextlib.contextmanager
