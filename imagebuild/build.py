@@ -269,6 +269,7 @@ def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, obj
 def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None) -> Path:
     """Build ``config.image_path`` from its stage (or a ``shared`` unpacked one); return its path."""
     check_prerequisites(config)
+    STEP_TIMINGS.clear()  # this build's steps only, also when one process builds several
     with contextlib.ExitStack() as stack:
         stack.enter_context(output_lock(config.image_path))
         workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--work-dir", type=Path, default=Path("/var/tmp/imagebuild"))
     seed.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
 
+    from imagebuild.release import add_release_parser
+
+    add_release_parser(sub, common)
+
     sub.add_parser("doctor", parents=[common], help="list the host tools and features imagebuild needs, and what is missing")
 
     stage = sub.add_parser("standin", parents=[common], help="build (or find cached) the offline stand-in stage and print its path")
@@ -192,6 +196,12 @@ def _cmd_stage1(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    from imagebuild.release import cmd_release
+
+    return cmd_release(args)
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from imagebuild.doctor import diagnose, report
 
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,
                 "doctor": _cmd_doctor,
                 "stage1": _cmd_stage1,
+                "release": _cmd_release,
                 "standin": _cmd_standin}
     try:
         return commands[args.command](args)

@@ -441,7 +441,7 @@ def render_summary(stamp: str, results: Sequence[ImageResult], now: float) -> st
     for r in results:
         base = result_dir(r, stamp)
         links = [(label, str(base / (r.image + suffix))) for label, suffix in _LINKS if r.image + suffix in r.files]
-        if r.passed:
+        if r.image in r.files:
             links.insert(0, ("image", str(base / r.image)))
         rows.append({"image": r.image, "arch": r.arch.value, "variant": r.variant.value,
                      "size": human_size(r.size), "build": seconds(r.build_seconds),

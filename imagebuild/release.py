@@ -5,6 +5,9 @@ The run, top to bottom: read and check the config, resolve every build (spec err
 before any work), take the output root's lock, then per architecture unpack the stage once and
 build + inspect + smoke-test each variant from it into a private staging directory, recording a
 failure and going on; finally publish by rename and print the summary.
+
+The heavy modules (build, smoke test) are imported when a run starts, so that adding this
+command to the parser keeps ``imagebuild --help`` quick.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import time
 import tomllib
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagebuild.build import SharedStage, build_image, shared_stage
 from imagebuild.config import Arch, BuildConfig, Compression, Variant
 from imagebuild.errors import ConfigError, ImagebuildError, Interrupted
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
@@ -36,9 +38,9 @@ from imagebuild.publish import (
     summary_table,
 )
 from imagebuild.render import shipped_dir
-from imagebuild.settings import Overrides, make_stamp, resolve
-from imagebuild.smoketest import smoke_test
-from imagebuild.smoketest.results import read_json, write_json
+
+if TYPE_CHECKING:
+    from imagebuild.build import SharedStage
 
 EXIT_PASSED, EXIT_FAILED = 0, 1
 
@@ -196,6 +198,8 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
                 arches: Collection[Arch] | None = None, variants: Collection[Variant] | None = None,
                 sign: str | None = None) -> int:
     """Build, test and publish a release; 0 if every image passed, 1 if any failed."""
+    from imagebuild.settings import Overrides, make_stamp, resolve
+
     release = load_release_config(config_path)
     out = (output or release.output).resolve()
     stamp = check_stamp(stamp) if stamp else make_stamp()
@@ -209,10 +213,10 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
         stamp=stamp, work_dir=release.work_dir, cache_dir=release.cache_dir)) for arch, variant in images]
     if sign:
         check_signing_key(sign)
-    logger.info("Release %s: %s into %s", stamp, ", ".join(c.image_name for c in configs), out)
 
     results: list[ImageResult] = []
     with release_lock(out):
+        logger.info("Release %s: %s into %s", stamp, ", ".join(c.image_name for c in configs), out)
         refuse_existing(out, stamp, {c.arch for c in configs})
         with staging_area(out, stamp) as staging:
             for arch in dict.fromkeys(c.arch for c in configs):
@@ -226,6 +230,8 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
 
 def build_arch(configs: list[BuildConfig]) -> list[ImageResult]:
     """Every image of one arch from one unpacked stage; a failure is recorded, not raised."""
+    from imagebuild.build import shared_stage
+
     results: dict[str, ImageResult] = {}
     try:
         with shared_stage(configs[0]) as shared:
@@ -244,7 +250,9 @@ def build_arch(configs: list[BuildConfig]) -> list[ImageResult]:
 
 def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
     """Build, inspect and boot-test one image into ``config.output_dir``."""
+    from imagebuild.build import build_image
     from imagebuild.inspect import inspect_image
+    from imagebuild.smoketest import smoke_test
 
     result = ImageResult(arch=config.arch, variant=config.variant, image=config.image_name)
     image = config.image_path
@@ -293,6 +301,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _relative_paths(smoke_json: Path) -> None:
     """The smoke JSON names its files by their staging paths; published, they sit beside it."""
+    from imagebuild.smoketest.results import read_json, write_json
+
     if smoke_json.is_file():
         result = read_json(smoke_json)
         for field in ("image", "console_log", "screenshot"):

@@ -1,5 +1,9 @@
-"""The product end to end: each of the four images built from its stand-in stage with the
-README's command, boot-tested under QEMU + edk2, and the results read back."""
+"""The product end to end: the README's main job — an amd64 console image built from the
+stand-in stage and boot-tested under QEMU + edk2 — and its results read back.
+
+All four images (amd64/arm64 × console/cloud-init) are built and boot-tested by the release
+job in test_release.py, which checks the same per-image results; building them here again
+would double the slowest part of CI."""
 
 from __future__ import annotations
 
@@ -26,8 +30,7 @@ EXPECTED_CHECKS = {
 }
 
 
-@pytest.mark.parametrize("arch, variant", [("amd64", "console"), ("amd64", "cloud-init"),
-                                           ("arm64", "console"), ("arm64", "cloud-init")])
+@pytest.mark.parametrize("arch, variant", [("amd64", "console")])
 def test_build_and_boot(arch: str, variant: str, tmp_path: Path) -> None:
     _standin(Arch(arch))  # built and cached once; the build below must reuse it
     before = qemu_processes()

@@ -23,11 +23,13 @@ import sys
 import tarfile
 import textwrap
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from test_images import EXPECTED_CHECKS
 from conftest import CACHE_DIR, _standin, qemu_processes, require_root, require_tools
 from imagebuild.config import Arch
 
@@ -137,8 +139,8 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     page = out / "index-first.html"
     shutil.copy(out / "index.html", page)
     yield Run(out, proc, base / "first.log", seconds, pointers, page)
-    for leftover in (out / "releases").glob("*/autobuilds/*/*.qcow2"):
-        leftover.unlink()  # 4 x ~300 MB; pytest keeps old temp directories
+    for leftover in out.rglob("*.qcow2"):
+        leftover.unlink()  # ~300 MB each; pytest keeps old temp directories
 
 
 def test_release_publishes_every_image(first: Run) -> None:
@@ -162,6 +164,11 @@ def test_release_publishes_every_image(first: Run) -> None:
         smoke = json.loads(image.with_name(name + ".smoke.json").read_text())
         assert smoke["passed"] and smoke["console_log"] == name + ".console.log"
         assert "<failure" not in image.with_name(name + ".smoke.xml").read_text()
+        # Each image's own checks ran and passed (JUnit: one test case per check).
+        suite = ET.parse(image.with_name(name + ".smoke.xml")).getroot()
+        cases = {case.get("name") for case in suite.iter("testcase")}
+        assert set(EXPECTED_CHECKS[variant]) <= cases, (variant, cases)
+        assert "GNU GRUB" in image.with_name(name + ".console.log").read_text(errors="replace")
         assert "Linux version" in image.with_name(name + ".console.log").read_text(errors="replace")
     assert not (out / "failed").exists()
     assert not list(out.glob(".staging-*")), "staging is gone"

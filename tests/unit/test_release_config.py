@@ -411,3 +411,35 @@ def test_signed_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     subprocess.run(["gpg", "--batch", "--verify", pointer], check=True, capture_output=True)
     assert read_pointer(pointer) == (STAMPS[0], images[0].image, 0)
     assert images[0].image + ".asc" in json.loads((out / "summary.json").read_text())["images"][0]["files"]
+
+
+# -- a whole run whose stages cannot be had (no build starts, so it is quick) ----------------
+
+
+def test_stage_failure_fails_that_arch_and_the_run_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from imagebuild.release import run_release
+
+    config = write_config(tmp_path, """
+        output = "public"
+        architectures = ["amd64", "arm64"]
+        variants = ["console", "cloud-init"]
+        work_dir = "work"
+        cache_dir = "cache"
+        [stages]
+        amd64 = "missing-amd64.tar.xz"
+        arm64 = "missing-arm64.tar.xz"
+    """)
+    assert run_release(config, stamp=STAMPS[0], arches=[Arch.arm64]) == 1
+    out = tmp_path / "public"
+    assert not (out / "releases").exists() or not list(out.glob("releases/*/autobuilds/latest-*.txt"))
+    failed = out / "failed" / STAMPS[0]
+    assert sorted(p.name for p in failed.iterdir()) == ["arm64"], "--arch arm64 made a partial tree"
+    log = failed / "arm64" / f"di-arm64-console-{STAMPS[0]}.qcow2.build.log"
+    assert "missing-arm64.tar.xz does not exist" in log.read_text()
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1] == "0 passed, 2 failed"
+    assert "FAILED  stage: stage tarball" in table[1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [i["image"] for i in summary["images"]] == [f"di-arm64-{v}-{STAMPS[0]}.qcow2" for v in ("console", "cloudinit")]
+    assert not list(out.glob(".staging-*"))
+    assert list((tmp_path / "work").iterdir()) == [], "the shared stage's workspace is removed"
