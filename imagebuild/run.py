@@ -6,12 +6,14 @@ before it runs, and on failure a CommandError that carries the exact command and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from imagebuild.errors import CommandError, ToolMissingError
 from imagebuild.log import logger
@@ -124,6 +126,24 @@ def run(
             + (f"\n{_indent(stderr)}" if stderr else "")
         )
     return result
+
+
+@contextlib.contextmanager
+def output_stream(cmd: Sequence[str | os.PathLike[str]]) -> Iterator[IO[bytes]]:
+    """Run ``cmd`` and yield its stdout as a stream (a decompressor feeding tarfile, say).
+
+    Logged like run(); on leaving the block the program is stopped if it is still running.
+    """
+    argv = [os.fspath(arg) for arg in cmd]
+    argv[0] = find_tool(argv[0]) if "/" not in argv[0] else argv[0]
+    logger.debug("+ %s", shlex.join(argv))
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        yield proc.stdout
+    finally:
+        proc.stdout.close()
+        _stop(proc, grace=5.0)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import lzma
 import os
-import subprocess
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import IO
 
 from imagebuild.errors import StageError
 from imagebuild.log import logger
-from imagebuild.run import find_tool
+from imagebuild.run import output_stream
 
 SUPPORTED_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tgz", ".tar.bz2", ".txz")
 
@@ -49,16 +48,9 @@ def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
     """A decompressed byte stream of ``tarball``; zstd goes through the zstd program."""
     with open(tarball, "rb") as raw:
         if raw.read(4) == b"\x28\xb5\x2f\xfd":
-            proc = subprocess.Popen(
-                [find_tool("zstd"), "-dc", "-q", "--", tarball], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-            )
-            assert proc.stdout is not None
-            try:
-                yield proc.stdout
-            finally:
-                proc.stdout.close()
-                proc.kill()
-                proc.wait()
+            # Python 3.11 has no zstd module: the zstd program decompresses into tarfile.
+            with output_stream(["zstd", "-dc", "-q", "--", tarball]) as stream:
+                yield stream
         else:
             raw.seek(0)
             yield raw
