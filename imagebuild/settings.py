@@ -98,7 +98,6 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     # --mirror alone means "take the stage from that mirror".
     stage = opts.stage or ("mirror" if opts.mirror else None) or spec.get("imagebuild/stage") or "mirror"
     keyring = opts.keyring or (Path(spec.get("imagebuild/keyring")) if spec.get("imagebuild/keyring") else None)
-    defaults = BuildConfig.__dataclass_fields__
     return BuildConfig(
         arch=arch,
         variant=variant,
@@ -115,8 +114,8 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         boot_timeout=float(timeout) if timeout else 600.0,
         spec_path=spec_path,
         spec=spec,
-        work_dir=(opts.work_dir or defaults["work_dir"].default).resolve(),  # type: ignore[union-attr]
-        cache_dir=(opts.cache_dir or defaults["cache_dir"].default).resolve(),  # type: ignore[union-attr]
+        work_dir=(opts.work_dir or BuildConfig.work_dir).resolve(),
+        cache_dir=(opts.cache_dir or BuildConfig.cache_dir).resolve(),
     )
 
 
