@@ -193,10 +193,7 @@ class QemuMachine:
             "-drive", f"file={_escape(self._disk(tmp))},if=virtio,format=qcow2,snapshot=on",
             *(["-drive", f"file={_escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
             "-device", "virtio-rng-pci",
-            # A NIC on QEMU's user network, isolated from the host's (restrict=on): DHCP works,
-            # nothing gets out. The console image must leave it alone; cloud-init uses it.
-            "-netdev", "user,id=net0,restrict=on",
-            "-device", "virtio-net-pci,netdev=net0",
+            *self._network_args(),
             # wait=on: the guest does not start before we are connected, so nothing is lost.
             "-chardev", f"socket,id=serial0,path={_escape(tmp / 'serial.sock')},server=on,wait=on",
             "-serial", "chardev:serial0",
@@ -205,6 +202,22 @@ class QemuMachine:
             *display,
             "-display", "none",
             *self.extra_args,
+        ]  # fmt: skip
+
+    def _network_args(self) -> list[str]:
+        """A NIC for the cloud-init guest (the one whose datasource seed goes with a network).
+
+        On QEMU's user network, isolated from the host's (restrict=on): DHCP works, nothing
+        gets out. No option ROM, and edk2's PXE off: a guest whose disk does not boot must
+        fail at once, not after minutes of network boot attempts.
+        """
+        if self.seed is None:
+            return []
+        return [
+            "-netdev", "user,id=net0,restrict=on",
+            "-device", "virtio-net-pci,netdev=net0,romfile=",
+            "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+            "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
         ]  # fmt: skip
 
     def _disk(self, tmp: Path) -> Path:
