@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import email.utils
-import fcntl
 import functools
 import json
 import os
@@ -42,6 +41,7 @@ from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import logger
 from imagebuild.mounts import remove_tree
 from imagebuild.run import require_tools, run
+from imagebuild.workspace import pid_lock
 
 STAMP_RE = re.compile(r"\d{8}T\d{6}Z")
 LOCK_NAME = ".release.lock"
@@ -163,26 +163,10 @@ def release_lock(out: Path) -> Iterator[None]:
     except OSError as exc:
         raise ConfigError(f"cannot create the output root {out}: {exc.strerror}",
                           hint="choose a writable directory with --output") from exc
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError(
-                f"another imagebuild release (pid {holder}) is already running on {out}",
-                hint=f"wait for it to finish (the lock is {out / LOCK_NAME}), or use another --output",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            # The file stays (unlinking it would let a third run lock a fresh inode while a
-            # second still waits on the old one); an empty file means "nobody".
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
+    with pid_lock(out / LOCK_NAME, keep_file=True,
+                  busy=f"another imagebuild release (pid {{pid}}) is already running on {out}",
+                  hint=f"wait for it to finish (the lock is {out / LOCK_NAME}), or use another --output"):
+        yield
 
 
 # -- staging ----------------------------------------------------------------------------------

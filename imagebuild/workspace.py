@@ -114,24 +114,37 @@ def recover_stale_workspaces(base: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(image: Path) -> Iterator[None]:
-    """Only one build at a time may write ``image``; a second one refuses at once."""
-    lock_path = image.with_name(f".{image.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def pid_lock(path: Path, *, busy: str, hint: str, keep_file: bool = False) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (which records our pid) or refuse at once.
+
+    ``busy`` is the refusal message, formatted with the holder's pid as ``{pid}``.
+    ``keep_file`` leaves the (emptied) file behind: unlinking it lets a third run lock a fresh
+    inode while a second still holds the old one, which matters for long-lived lock paths.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise ConfigError(
-                f"another imagebuild (pid {other}) is already building {image}",
-                hint="wait for it to finish, or build into another --output or with another --stamp",
-            ) from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(busy.format(pid=holder), hint=hint) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield
         finally:
-            lock_path.unlink(missing_ok=True)
+            if keep_file:
+                os.ftruncate(fd, 0)
+            else:
+                path.unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def output_lock(image: Path) -> contextlib.AbstractContextManager[None]:
+    """Only one build at a time may write ``image``; a second one refuses at once."""
+    return pid_lock(
+        image.with_name(f".{image.name}.lock"),
+        busy=f"another imagebuild (pid {{pid}}) is already building {image}",
+        hint="wait for it to finish, or build into another --output or with another --stamp",
+    )
