@@ -202,13 +202,14 @@ def clean(ctx: Context) -> None:
 def make_disk(ctx: Context) -> None:
     config, ids = ctx.config, ctx.ids
     assert ids is not None
-    check_free_space(ctx.workspace, tree_size(ctx.root) + tree_size(ctx.esp))
+    root_bytes = tree_size(ctx.root)  # walked once: the free-space check and make_root use it
+    check_free_space(ctx.workspace, root_bytes + tree_size(ctx.esp))
     with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image (GPT)"):
         ctx.disk = partition_image(ctx.raw, config.layout, config.arch, ids)
     with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
         make_esp(ctx.raw, ctx.disk.esp, config.layout, ids, ctx.esp)
     with complete_step("Making and filling the XFS root"):
-        make_root(ctx.raw, ctx.disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt")
+        make_root(ctx.raw, ctx.disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt", root_bytes)
 
 
 def write_outputs(ctx: Context) -> None:

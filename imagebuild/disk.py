@@ -193,10 +193,11 @@ def _tree_bytes(tree: Path) -> int:
 
 
 def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, root_tree: Path,
-              mountpoint: Path) -> None:
+              mountpoint: Path, tree_bytes: int | None = None) -> None:
     """XFS on partition 2, filled by copying ``root_tree`` through a loop mount."""
     # XFS metadata and log take a few percent; keep 5% + 64 MiB free for the first boot.
-    check_fits("root filesystem", int(tree_size(root_tree) * 1.05) + 64 * MiB, part.size,
+    tree_bytes = tree_size(root_tree) if tree_bytes is None else tree_bytes
+    check_fits("root filesystem", int(tree_bytes * 1.05) + 64 * MiB, part.size,
                "diskimage/qcow2_size or --size")
     with LoopDevice(raw, offset=part.offset, size=part.size, sector_size=layout.sector_size) as dev:
         # nrext64=0: large extent counters are unreadable to older kernels (5.15) and GRUB.

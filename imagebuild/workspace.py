@@ -103,11 +103,12 @@ def recover_stale_workspaces(base: Path) -> None:
             if point in mounts_below(workspace):
                 run(["umount", "--lazy", point], check=False)
             cleaned.append(f"mount {point}")
-        recorded = [Path(p) for p in state.get("loops", [])]
-        for loop in sorted(set(loops_backed_by(workspace)) | {p for p in recorded if p.exists()}):
-            if loop in loops_backed_by(workspace):
-                run(["losetup", "--detach", loop], check=False)
-                cleaned.append(f"loop device {loop}")
+        # The state file lists the loop devices the run attached; one no longer backed by a
+        # file of this workspace has since been reused by someone else, so only those still
+        # backed by our files are detached.
+        for loop in sorted(loops_backed_by(workspace)):
+            run(["losetup", "--detach", loop], check=False)
+            cleaned.append(f"loop device {loop}")
         remove_tree(workspace)
         logger.warning("cleaned up after an earlier run (pid %d) that was killed: %s", pid,
                        ", ".join(cleaned + [f"removed {workspace}"]))
