@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 "standin": _cmd_standin}
     try:
         return commands[args.command](args)
-    except ImagebuildError as exc:
+    except (ImagebuildError, Interrupted) as exc:
         if args.debug:
             traceback.print_exc()
         logger.error("error: %s", exc)

@@ -58,7 +58,11 @@ class SmokeTestError(ImagebuildError):
     """
 
 
-class Interrupted(ImagebuildError):
-    """SIGINT or SIGTERM arrived; cleanup has run."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; cleanup runs as it unwinds.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` (a smoke-test
+    check, a launch error wrapper, a library) can turn a signal into an ordinary failure.
+    """
 
     exit_code = 130

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imagebuild.config import Arch, BuildConfig, Compression, Variant
-from imagebuild.errors import ConfigError, ImagebuildError, Interrupted
+from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.publish import (
     ImageResult,
@@ -237,8 +237,6 @@ def build_arch(configs: list[BuildConfig]) -> list[ImageResult]:
         with shared_stage(configs[0]) as shared:
             for config in configs:
                 results[config.image_name] = make_image(config, shared)
-    except Interrupted:
-        raise
     except (ImagebuildError, OSError) as exc:
         # The stage itself could not be had (mirror down, bad tarball): no image of this arch.
         logger.error("✗ the %s stage failed: %s", configs[0].arch, exc)
@@ -274,8 +272,6 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
                 result.boot_seconds = smoke.total_seconds
                 result.passed, result.reason = smoke.passed, "" if smoke.passed else f"smoke test: {smoke.reason}"
                 _relative_paths(image.with_name(image.name + ".smoke.json"))
-        except Interrupted:
-            raise
         except (ImagebuildError, OSError) as exc:
             result.reason = _first_line(exc)
             logger.error("✗ %s: %s", image.name, exc)

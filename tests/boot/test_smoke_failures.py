@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,46 @@ def test_hang_ends_at_the_deadline_naming_the_phase(
     assert time.monotonic() - started < 75 + 45, "the run must end at its deadline"
     assert result.screenshot and Path(result.screenshot).read_bytes()[:8] == PNG_MAGIC
     assert qemu_processes() - before == set()
+
+
+# A QEMU whose guest launch never opens its sockets (other calls, such as `-machine help`,
+# reach the real one): the launch waits for the serial console meanwhile.
+HELD_QEMU = """#!/bin/sh
+case "$*" in
+  *imagebuild-smoke*) echo "$$" > "{marker}"; exec sleep 600 ;;
+esac
+exec {real} "$@"
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_qemu_starts(tmp_path: Path, sig: signal.Signals) -> None:
+    """A signal during the launch is an interruption (exit 130), not "QEMU did not start"."""
+    image = blank_qcow2(tmp_path / "blank.qcow2")
+    shims, marker = tmp_path / "shims", tmp_path / "qemu.held"
+    shims.mkdir()
+    (shims / "qemu-system-x86_64").write_text(
+        HELD_QEMU.format(marker=marker, real=shutil.which("qemu-system-x86_64"))
+    )
+    (shims / "qemu-system-x86_64").chmod(0o755)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagebuild", "smoke-test", str(image), "--arch", "amd64",
+         "--variant", "console", "--results", str(tmp_path / "results")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"},
+    )
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the smoke test never started QEMU"
+        time.sleep(0.1)
+    held = int(marker.read_text())
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert f"interrupted by {sig.name}" in stderr
+    assert "did not start" not in stderr and "Traceback" not in stderr
+    assert not Path(f"/proc/{held}").exists(), "the QEMU being launched survived the signal"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
