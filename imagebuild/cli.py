@@ -19,7 +19,15 @@ EXIT_FAILED = 1  # the image was made or tested and did not pass
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
     # Raising here unwinds every context manager (mounts, loop devices, QEMU) on the way out.
+    # A second signal (an impatient ^C) must not cut that cleanup short: from now on, say so.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _while_cleaning_up)
     raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up")
+
+
+def _while_cleaning_up(signum: int, _frame: FrameType | None) -> None:
+    logger.warning("%s: still cleaning up (mounts, loop devices, QEMU); please wait",
+                   signal.Signals(signum).name)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -107,6 +107,27 @@ def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, stan
     assert_nothing_left(tmp_path)
 
 
+def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path, standin_amd64: Path) -> None:
+    """An impatient user: SIGINT, then SIGTERM while the loop mount is being undone."""
+    require_root()
+    env, marker = shim_env(tmp_path, "cp", "--sparse")
+    proc = start_build(tmp_path, standin_amd64, env=env)
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "interrupted by SIGINT" in stderr and "Traceback" not in stderr
+    assert_nothing_left(tmp_path)
+
+
 def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
     proc = start_build(tmp_path, standin_amd64, "--debug")
     assert proc.stderr is not None
