@@ -204,7 +204,8 @@ def make_disk(ctx: Context) -> None:
     assert ids is not None
     root_bytes = tree_size(ctx.root)  # walked once: the free-space check and make_root use it
     check_free_space(ctx.workspace, root_bytes + tree_size(ctx.esp))
-    with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image (GPT)"):
+    sectors = f"GPT, {config.layout.sector_size}-byte sectors"
+    with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image ({sectors})"):
         ctx.disk = partition_image(ctx.raw, config.layout, config.arch, ids)
     with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
         make_esp(ctx.raw, ctx.disk.esp, config.layout, ids, ctx.esp)

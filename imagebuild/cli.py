@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: ./out)")
     build.add_argument("--size", help="image size, e.g. 20GiB (spec: diskimage/qcow2_size)")
     build.add_argument("--esp-size", help="EFI partition size, e.g. 512MiB (spec: diskimage/qcow2_efisize)")
+    build.add_argument("--sector-size", type=int, choices=[512, 4096],
+                       help="logical sector size: 512 (Gentoo's published images, default) or 4096 for 4Kn disks"
+                       " (spec: imagebuild/sector_size)")
     build.add_argument("--compression", choices=["zlib", "zstd"], help="qcow2 compression (default zlib)")
     build.add_argument("--stamp", help="release stamp (default: now, YYYYMMDDTHHMMSSZ)")
     build.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -124,7 +127,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         Arch.parse(args.arch),
         Variant.parse(args.variant),
         Overrides(spec=args.spec, stage=args.stage, mirror=args.mirror, keyring=args.keyring, output_dir=args.output, size=args.size,
-                  esp_size=args.esp_size, compression=args.compression,
+                  esp_size=args.esp_size, sector_size=args.sector_size, compression=args.compression,
                   smoke_test=False if args.no_test else None, boot_timeout=args.boot_timeout,
                   stamp=args.stamp, work_dir=args.work_dir, cache_dir=args.cache_dir,
                   placeholders=tuple(placeholders)),

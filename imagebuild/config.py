@@ -145,6 +145,14 @@ class ImageLayout:
                 f"EFI system partition of {self.esp_size // MiB} MiB is too small",
                 hint="use at least 64MiB (Gentoo uses 512MiB)",
             )
+        # FAT32 needs at least 65525 clusters, and a cluster is at least a sector: with
+        # 4096-byte sectors that is 256 MiB of clusters plus the FATs.
+        if self.sector_size == 4096 and self.esp_size < 260 * MiB:
+            raise ConfigError(
+                f"EFI system partition of {self.esp_size // MiB} MiB is too small for FAT32 "
+                "with 4096-byte sectors",
+                hint="use at least 260MiB (Gentoo uses 512MiB)",
+            )
         if self.size < self.esp_size + 300 * MiB:
             raise ConfigError(
                 f"image size {self.size // MiB} MiB leaves no room for a root filesystem",

@@ -80,47 +80,42 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
     with open(raw, "wb") as f:
         f.truncate(layout.size)
     sector = layout.sector_size
-    if sector != 512:
-        raise ImageError(
-            f"{sector}-byte sector images are not supported yet",
-            hint="build with the default 512-byte sectors",
-        )
-    device = parted.getDevice(str(raw))
-    disk = parted.freshDisk(device, "gpt")
     align = _ALIGN // sector
-    esp_start = align
-    esp_end = esp_start + layout.esp_size // sector - 1
-    root_start = esp_end + 1
-    # Leave the last MiB for the backup GPT, keeping the root's end aligned (as Catalyst's -1M).
-    root_end = (device.length // align) * align - align - 1
-    constraint = parted.Constraint(device=device)
-    for number, (start, end, fstype, name, flag) in enumerate(
-        [
+    # libparted and sgdisk take the logical sector size from a block device and assume 512
+    # on a plain file, so the table is written through a loop device with the image's
+    # sector size: the same code makes 512-byte and 4Kn images.
+    with LoopDevice(raw, sector_size=sector) as loop, _parted_device(loop) as device:
+        if device.sectorSize != sector:
+            raise ImageError(f"{loop} has {device.sectorSize}-byte sectors, expected {sector}")
+        disk = parted.freshDisk(device, "gpt")
+        esp_start = align
+        esp_end = esp_start + layout.esp_size // sector - 1
+        root_start = esp_end + 1
+        # Leave the last MiB for the backup GPT, keeping the root's end aligned (as Catalyst's -1M).
+        root_end = (device.length // align) * align - align - 1
+        constraint = parted.Constraint(device=device)
+        for start, end, fstype, name, flag in [
             (esp_start, esp_end, "fat32", layout.esp_label, parted.PARTITION_BOOT),
             (root_start, root_end, "xfs", layout.root_label, None),
-        ],
-        start=1,
-    ):
-        geometry = parted.Geometry(device=device, start=start, end=end)
-        filesystem = parted.FileSystem(type=fstype, geometry=geometry)
-        partition = parted.Partition(disk=disk, type=parted.PARTITION_NORMAL, fs=filesystem, geometry=geometry)
-        disk.addPartition(partition, constraint)
-        partition.set_name(name)
-        if flag is not None:
-            partition.setFlag(flag)  # on GPT this sets the ESP type GUID
-    with _stderr_silenced():
-        # libparted runs "udevadm settle" after writing, which is absent (and pointless)
-        # for a plain file; its "not found" on stderr would only alarm people.
-        disk.commit()
-    # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sgdisk can.
-    run([
-        "sgdisk",
-        f"--disk-guid={ids.disk_guid}",
-        f"--partition-guid=1:{ids.esp_guid}",
-        f"--partition-guid=2:{ids.root_guid}",
-        f"--typecode=2:{DPS_ROOT_TYPE[arch]}",
-        raw,
-    ])
+        ]:
+            geometry = parted.Geometry(device=device, start=start, end=end)
+            filesystem = parted.FileSystem(type=fstype, geometry=geometry)
+            partition = parted.Partition(disk=disk, type=parted.PARTITION_NORMAL, fs=filesystem, geometry=geometry)
+            disk.addPartition(partition, constraint)
+            partition.set_name(name)
+            if flag is not None:
+                partition.setFlag(flag)  # on GPT this sets the ESP type GUID
+        # To the device only: the kernel is not told of partitions on our loop device.
+        disk.commitToDevice()
+        # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sgdisk can.
+        run([
+            "sgdisk",
+            f"--disk-guid={ids.disk_guid}",
+            f"--partition-guid=1:{ids.esp_guid}",
+            f"--partition-guid=2:{ids.root_guid}",
+            f"--typecode=2:{DPS_ROOT_TYPE[arch]}",
+            loop,
+        ])
     return DiskLayout(
         esp=Partition(1, esp_start * sector, (esp_end - esp_start + 1) * sector),
         root=Partition(2, root_start * sector, (root_end - root_start + 1) * sector),
@@ -128,16 +123,14 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
 
 
 @contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def _parted_device(path: Path) -> Iterator[parted.Device]:
+    """libparted's view of ``path``; it caches devices by path and loop devices are reused,
+    so the entry is dropped after (else the next image could see this one's size)."""
+    device = parted.getDevice(str(path))
     try:
-        os.dup2(devnull, 2)
-        yield
+        yield device
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        device.removeFromCache()
 
 
 def tree_size(root: Path) -> int:

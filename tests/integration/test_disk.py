@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from conftest import loop_devices, mounts_under, require_root, require_tools
 from imagebuild.config import Arch, ImageLayout, MiB
 from imagebuild.disk import DPS_ROOT_TYPE, Identifiers, check_fits, make_esp, make_root, partition_image
 from imagebuild.errors import ImageError
+from imagebuild.imagefs import gpt_sector_size
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +28,29 @@ def _tools() -> None:
     require_tools("sgdisk", "sfdisk", "mkfs.vfat", "mkfs.xfs", "mcopy", "mdir", "losetup", "blkid")
 
 
-def _sfdisk(raw: Path) -> dict:
-    out = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True).stdout
+@contextlib.contextmanager
+def _read_only_loop(raw: Path, sector: int, offset: int = 0, size: int | None = None) -> Iterator[str]:
+    """sfdisk and the kernel take the sector size from the device, so a 4Kn disk is read
+    through a loop device with 4096-byte sectors."""
+    cmd = ["losetup", "--find", "--show", "--read-only", "--sector-size", str(sector), "--offset", str(offset)]
+    loop = subprocess.run([*cmd, *(["--sizelimit", str(size)] if size else []), str(raw)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def _sfdisk(raw: Path, sector: int) -> dict:
+    with _read_only_loop(raw, sector) as loop:
+        out = subprocess.run(["sfdisk", "--json", loop], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["partitiontable"]
 
 
-def test_partition_table(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_partition_table(tmp_path: Path, sector: int) -> None:
     raw = tmp_path / "disk.raw"
-    layout = ImageLayout(size=2048 * MiB)
+    layout = ImageLayout(size=2048 * MiB, sector_size=sector)
     os.environ["SOURCE_DATE_EPOCH"] = "1700000000"
     try:
         ids = Identifiers.make("di-amd64-console-x.qcow2")
@@ -43,22 +61,29 @@ def test_partition_table(tmp_path: Path) -> None:
     disk = partition_image(raw, layout, Arch.amd64, ids)
     assert raw.stat().st_size == 2048 * MiB
     assert raw.stat().st_blocks * 512 < 4 * MiB, "the raw image must stay sparse"
-    table = _sfdisk(raw)
-    assert table["label"] == "gpt"
+    assert loop_devices(tmp_path) == set(), "the loop device used to write the GPT must be detached"
+    with open(raw, "rb") as f:
+        assert gpt_sector_size(f.read(8192)) == sector, "the GPT header must sit in LBA 1"
+    table = _sfdisk(raw, sector)
+    assert table["label"] == "gpt" and table["sectorsize"] == sector
     assert table["id"].lower() == ids.disk_guid
     esp, root = table["partitions"]
-    assert (esp["start"], esp["size"]) == (2048, 512 * MiB // 512)
+    mib = MiB // sector
+    assert (esp["start"], esp["size"]) == (mib, 512 * mib)
     assert esp["type"] == ESP_TYPE and esp["name"] == "gentooefi"
     assert esp["uuid"].lower() == ids.esp_guid
     assert root["type"] == DPS_ROOT_TYPE[Arch.amd64] and root["name"] == "gentooroot"
     assert root["start"] == esp["start"] + esp["size"]
-    assert root["start"] % 2048 == 0 and (root["start"] + root["size"]) % 2048 == 0
-    assert disk.root.offset == root["start"] * 512 and disk.root.size == root["size"] * 512
+    assert root["start"] % mib == 0 and (root["start"] + root["size"]) % mib == 0
+    assert disk.root.offset == root["start"] * sector and disk.root.size == root["size"] * sector
 
 
-def test_filesystems_are_made_and_filled(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_filesystems_are_made_and_filled(tmp_path: Path, sector: int) -> None:
     raw = tmp_path / "disk.raw"
-    layout = ImageLayout(size=1024 * MiB, esp_size=128 * MiB)
+    # FAT32 with 4096-byte sectors needs a bigger ESP (ImageLayout.validate says so).
+    layout = ImageLayout(size=1024 * MiB, esp_size=(128 if sector == 512 else 264) * MiB, sector_size=sector)
+    layout.validate()
     ids = Identifiers.make("test.qcow2")
     disk = partition_image(raw, layout, Arch.arm64, ids)
     esp_tree = tmp_path / "esp"
@@ -90,22 +115,23 @@ def test_filesystems_are_made_and_filled(tmp_path: Path) -> None:
                                capture_output=True, text=True, check=True).stdout
     assert "LABEL=gentooroot" in root_info and "TYPE=xfs" in root_info and f"UUID={ids.root_uuid}" in root_info
 
+    with open(raw, "rb") as f:
+        f.seek(disk.esp.offset + 11)  # the FAT boot sector's bytes-per-sector field
+        assert int.from_bytes(f.read(2), "little") == sector
+
     mnt = tmp_path / "check"
     mnt.mkdir()
-    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", "--offset", str(disk.root.offset),
-                           "--sizelimit", str(disk.root.size), str(raw)],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    try:
+    with _read_only_loop(raw, sector, disk.root.offset, disk.root.size) as loop:
         subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
         try:
             assert (mnt / "usr/bin/ping").stat().st_ino == (mnt / "usr/bin/ping6").stat().st_ino
             assert os.getxattr(mnt / "usr/bin/ping", "security.capability")[:4] == bytes.fromhex("01000002")
             assert os.readlink(mnt / "bin") == "usr/bin"
             assert (mnt / "boot").is_dir() and not any((mnt / "boot").iterdir())
+            info = subprocess.run(["xfs_info", str(mnt)], capture_output=True, text=True, check=True).stdout
+            assert f"sectsz={sector} " in info
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
 
 
 def test_tree_too_big_for_the_partition(tmp_path: Path) -> None:

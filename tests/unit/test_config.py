@@ -41,3 +41,7 @@ def test_layout_validation() -> None:
         ImageLayout(size=600 * MiB).validate()
     with pytest.raises(ConfigError, match="'ext4'"):
         ImageLayout(root_fstype="ext4").validate()
+    ImageLayout(sector_size=4096).validate()
+    ImageLayout(sector_size=512, esp_size=128 * MiB).validate()
+    with pytest.raises(ConfigError, match="too small for FAT32 with 4096-byte sectors"):
+        ImageLayout(sector_size=4096, esp_size=128 * MiB).validate()
