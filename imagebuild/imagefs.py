@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,13 +60,49 @@ class OpenedImage:
         return dict(line.split("=", 1) for line in out.decode().splitlines() if "=" in line)
 
 
-def _partition_table(raw: Path) -> tuple[int, str, list[GptPartition]]:
-    table = json.loads(run(["sfdisk", "--json", raw], check=False).stdout or b"{}").get("partitiontable")
+SECTOR_SIZES = (512, 4096)
+
+
+def gpt_sector_size(head: bytes) -> int | None:
+    """The logical sector size a disk's GPT was written for, from its first 8 KiB.
+
+    The GPT header sits in LBA 1, so its signature is at byte 512 on a 512-byte-sector
+    disk and at byte 4096 on a 4Kn one. None: no GPT at all.
+    """
+    for size in SECTOR_SIZES:
+        if head[size : size + 8] == b"EFI PART":
+            return size
+    return None
+
+
+def image_sector_size(image: Path) -> int:
+    """The sector size of a qcow2 image's GPT (512 when it has none: let the boot tell)."""
+    with tempfile.TemporaryDirectory(prefix="imagebuild-head-") as tmp:
+        head = Path(tmp) / "head.raw"
+        # -U: the image may be open elsewhere (a second smoke test); we only read it.
+        run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"bs={max(SECTOR_SIZES)}", "count=2",
+             f"if={image}", f"of={head}"])
+        return gpt_sector_size(head.read_bytes()) or 512
+
+
+def _partition_table(disk: str, name: str) -> tuple[str, list[GptPartition]]:
+    """GPT id and partitions of ``disk``, a loop device carrying the image's sector size
+    (sfdisk takes the sector size from the device; on a plain file it assumes 512)."""
+    table = json.loads(run(["sfdisk", "--json", disk], check=False).stdout or b"{}").get("partitiontable")
     if not table or table.get("label") != "gpt":
-        raise ImagebuildError(f"{raw.name}: no GPT partition table", hint="is this an imagebuild disk image?")
-    parts = [GptPartition(int(p["node"].rsplit(raw.name, 1)[-1]), p["start"], p["size"], p["type"],
-                          p.get("uuid", ""), p.get("name", "")) for p in table["partitions"]]
-    return table.get("sectorsize", 512), table["id"], parts
+        raise ImagebuildError(f"{name}: no GPT partition table", hint="is this an imagebuild disk image?")
+    parts = [GptPartition(int(re.search(r"(\d+)$", p["node"]).group(1)),  # type: ignore[union-attr]
+                          p["start"], p["size"], p["type"], p.get("uuid", ""), p.get("name", ""))
+             for p in table["partitions"]]
+    return table["id"], parts
+
+
+def _read_only_loop(stack: contextlib.ExitStack, raw: Path, sector: int, *, offset: int = 0,
+                    size: int | None = None) -> str:
+    cmd = ["losetup", "--find", "--show", "--read-only", "--sector-size", str(sector), "--offset", str(offset)]
+    loop = run([*cmd, *(["--sizelimit", str(size)] if size else []), raw]).stdout.decode().strip()
+    stack.callback(run, ["losetup", "--detach", loop], check=False)
+    return loop
 
 
 @contextlib.contextmanager
@@ -81,12 +118,12 @@ def open_image(image: Path, scratch: Path | None = None) -> Iterator[OpenedImage
         stack.callback(remove_tree, work)
         raw = work / "disk.raw"
         run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
-        sector, disk_guid, parts = _partition_table(raw)
+        with open(raw, "rb") as f:
+            sector = gpt_sector_size(f.read(2 * max(SECTOR_SIZES))) or 512
+        disk_guid, parts = _partition_table(_read_only_loop(stack, raw, sector), image.name)
         if len(parts) < 2:
             raise ImagebuildError(f"{image.name}: expected an ESP and a root partition, found {len(parts)}")
         root = parts[1]
-        loop = run(["losetup", "--find", "--show", "--read-only", "--offset", str(root.start * sector),
-                    "--sizelimit", str(root.size * sector), "--sector-size", str(sector), raw]).stdout.decode().strip()
-        stack.callback(run, ["losetup", "--detach", loop], check=False)
+        loop = _read_only_loop(stack, raw, sector, offset=root.start * sector, size=root.size * sector)
         mnt = stack.enter_context(mounted(loop, work / "root", options="ro,norecovery"))
         yield OpenedImage(raw=raw, sector_size=sector, disk_guid=disk_guid, partitions=parts, root=mnt)

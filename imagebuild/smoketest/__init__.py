@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import CommandError, SmokeTestError
+from imagebuild.imagefs import image_sector_size
 from imagebuild.log import complete_step, logger
 from imagebuild.run import find_tool, run
 from imagebuild.smoketest.checks import GuestSession, checks_for, run_checks
@@ -68,15 +69,18 @@ def smoke_test(
     paths = result_paths(image, results_dir)
     paths["screenshot"].unlink(missing_ok=True)  # a stale one would look like this run's
     image_size = int(json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)["virtual-size"])
+    sector_size = image_sector_size(image)
     seed = Seed.make() if variant is Variant.cloudinit else None
 
-    with complete_step(f"Smoke-testing {image.name} ({arch}, {variant}, {accel.upper()})"):
+    disk = "" if sector_size == 512 else f", {sector_size}-byte sectors"
+    with complete_step(f"Smoke-testing {image.name} ({arch}, {variant}, {accel.upper()}{disk})"):
         for attempt in range(1, MAX_ATTEMPTS + 1):
             result = SmokeResult(
                 image=str(image),
                 arch=str(arch),
                 variant=str(variant),
                 accel=accel,
+                sector_size=sector_size,
                 console_log=str(paths["console"]),
                 firmware=str(firmware.code),
                 attempts=attempt,
@@ -94,6 +98,7 @@ def smoke_test(
                     # cloud-init: a disk bigger than the image, to see the root grow into it.
                     disk_size=image_size + CLOUD_DISK_EXTRA if seed else None,
                     seed=write_seed_iso(seed, Path(scratch) / "seed.iso") if seed else None,
+                    sector_size=sector_size,
                 )
                 boot_and_check(machine, result, variant=variant, boot_timeout=boot_timeout, paths=paths,
                                seed=seed, image_size=image_size)

@@ -123,6 +123,7 @@ class QemuMachine:
         extra_args: Sequence[str] = (),
         disk_size: int | None = None,
         seed: Path | None = None,
+        sector_size: int = 512,
     ) -> None:
         self.arch = arch
         self.image = image.resolve()
@@ -137,6 +138,7 @@ class QemuMachine:
         # guest can show it grows its root; and a NoCloud seed as a second, read-only disk.
         self.disk_size = disk_size
         self.seed = seed
+        self.sector_size = sector_size
         self.command: list[str] = []
         self._tmp: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -167,15 +169,6 @@ class QemuMachine:
 
     def build_command(self, tmp: Path) -> list[str]:
         """The full QEMU command line for a run whose sockets and VARS copy live in ``tmp``."""
-        if self.arch is Arch.amd64:
-            # "max" under TCG offers x86-64-v2/v3 instructions to images built for them.
-            cpu = "host" if self.accel == "kvm" else "max"
-            display = ["-vga", "std"]
-        else:
-            # Plain "max" is slow under TCG (pointer authentication emulation); neoverse-n1
-            # is a real ARMv8.2 core every arm64 distribution kernel supports.
-            cpu = "host" if self.accel == "kvm" else "neoverse-n1"
-            display = ["-device", "virtio-gpu-pci"]
         return [
             find_tool(self.arch.qemu_system),
             "-name", f"imagebuild-smoke-{self.image.name}",
@@ -183,41 +176,20 @@ class QemuMachine:
             "-no-user-config",
             # A guest that resets (panic, triple fault, reboot) ends the run instead of looping.
             "-no-reboot",
-            "-machine", MACHINE_ALIAS[self.arch],
-            "-accel", self.accel,
-            "-cpu", cpu,
-            "-m", self.memory,
-            "-smp", str(self.cpus),
-            *_pflash_args(self.firmware, tmp / f"vars.{self.firmware.format}"),
-            # snapshot=on: writes go to a throwaway overlay, the image is never changed.
-            "-drive", f"file={_escape(self._disk(tmp))},if=virtio,format=qcow2,snapshot=on",
+            *guest_args(arch=self.arch, accel=self.accel, firmware=self.firmware,
+                        vars_copy=tmp / f"vars.{self.firmware.format}", disk=self._disk(tmp),
+                        sector_size=self.sector_size, memory=self.memory, cpus=self.cpus),
             *(["-drive", f"file={_escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
-            "-device", "virtio-rng-pci",
-            *self._network_args(),
+            # A NIC only for the cloud-init guest (the one whose datasource seed goes with a
+            # network), isolated from the host's network: DHCP works, nothing gets out.
+            *(network_args("restrict=on") if self.seed else []),
             # wait=on: the guest does not start before we are connected, so nothing is lost.
             "-chardev", f"socket,id=serial0,path={_escape(tmp / 'serial.sock')},server=on,wait=on",
             "-serial", "chardev:serial0",
             "-chardev", f"socket,id=qmp0,path={_escape(tmp / 'qmp.sock')}",
             "-mon", "chardev=qmp0,mode=control",
-            *display,
             "-display", "none",
             *self.extra_args,
-        ]  # fmt: skip
-
-    def _network_args(self) -> list[str]:
-        """A NIC for the cloud-init guest (the one whose datasource seed goes with a network).
-
-        On QEMU's user network, isolated from the host's (restrict=on): DHCP works, nothing
-        gets out. No option ROM, and edk2's PXE off: a guest whose disk does not boot must
-        fail at once, not after minutes of network boot attempts.
-        """
-        if self.seed is None:
-            return []
-        return [
-            "-netdev", "user,id=net0,restrict=on",
-            "-device", "virtio-net-pci,netdev=net0,romfile=",
-            "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
-            "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
         ]  # fmt: skip
 
     def _disk(self, tmp: Path) -> Path:
@@ -402,6 +374,50 @@ class QemuMachine:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, disk: Path,
+               sector_size: int, memory: str, cpus: int, snapshot: bool = True) -> list[str]:
+    """The virtual machine itself, for the smoke test and ``imagebuild qemu`` alike: machine,
+    CPU, edk2, the image as a virtio disk with the image's own sector size, RNG, display."""
+    if arch is Arch.amd64:
+        # "max" under TCG offers x86-64-v2/v3 instructions to images built for them.
+        cpu = "host" if accel == "kvm" else "max"
+        display = ["-vga", "std"]
+    else:
+        # Plain "max" is slow under TCG (pointer authentication emulation); neoverse-n1
+        # is a real ARMv8.2 core every arm64 distribution kernel supports.
+        cpu = "host" if accel == "kvm" else "neoverse-n1"
+        display = ["-device", "virtio-gpu-pci"]
+    return [
+        "-machine", MACHINE_ALIAS[arch],
+        "-accel", accel,
+        "-cpu", cpu,
+        "-m", memory,
+        "-smp", str(cpus),
+        *_pflash_args(firmware, vars_copy),
+        # snapshot=on: writes go to a throwaway overlay, the image is never changed.
+        "-drive", f"file={_escape(disk)},if=none,id=disk0,format=qcow2,snapshot={'on' if snapshot else 'off'}",
+        # The disk's sectors are the image's: a 4Kn image boots on a 4Kn disk.
+        "-device", f"virtio-blk-pci,drive=disk0,logical_block_size={sector_size},"
+                   f"physical_block_size={sector_size}",
+        "-device", "virtio-rng-pci",
+        *display,
+    ]  # fmt: skip
+
+
+def network_args(netdev_options: str) -> list[str]:
+    """A virtio NIC on QEMU's user network (``netdev_options``: restrict=on, hostfwd=...).
+
+    No option ROM, and edk2's PXE off: a guest whose disk does not boot must fail at once,
+    not after minutes of network boot attempts.
+    """
+    return [
+        "-netdev", f"user,id=net0,{netdev_options}".rstrip(","),
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
+        "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+        "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
+    ]  # fmt: skip
 
 
 def _pflash_args(firmware: Firmware, vars_copy: Path) -> list[str]:

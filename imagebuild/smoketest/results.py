@@ -32,6 +32,7 @@ class SmokeResult:
     arch: str
     variant: str
     accel: str  # "kvm" or "tcg"
+    sector_size: int = 512  # of the virtual disk, the image's own
     passed: bool = False
     reason: str = ""  # why it failed; empty when it passed
     phase_reached: str = ""  # the phase the run was in when it ended (see PHASES)
@@ -69,7 +70,7 @@ def junit_tree(result: SmokeResult) -> ET.Element:
         time=f"{result.total_seconds:.3f}",
     )
     props = ET.SubElement(suite, "properties")
-    for key in ("image", "arch", "variant", "accel", "firmware", "console_log", "screenshot"):
+    for key in ("image", "arch", "variant", "accel", "sector_size", "firmware", "console_log", "screenshot"):
         value = getattr(result, key)
         if value is not None:
             ET.SubElement(props, "property", name=key, value=str(value))

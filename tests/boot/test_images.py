@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -30,14 +31,19 @@ EXPECTED_CHECKS = {
 }
 
 
-@pytest.mark.parametrize("arch, variant", [("amd64", "console")])
-def test_build_and_boot(arch: str, variant: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arch, variant, sector",
+    [("amd64", "console", 512), ("amd64", "console", 4096), ("arm64", "console", 4096)],
+    ids=["amd64-console", "amd64-console-4kn", "arm64-console-4kn"],
+)
+def test_build_and_boot(arch: str, variant: str, sector: int, tmp_path: Path) -> None:
+    """The README's job; and the same on request with 4096-byte sectors, booted on a 4Kn disk."""
     _standin(Arch(arch))  # built and cached once; the build below must reuse it
     before = qemu_processes()
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "imagebuild", "build", arch, variant, "--stage", "standin", "-o", str(out),
-         "--cache-dir", str(CACHE_DIR)],
+         "--cache-dir", str(CACHE_DIR), *(["--sector-size", str(sector)] if sector != 512 else [])],
         capture_output=True, text=True, timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,12 +54,14 @@ def test_build_and_boot(arch: str, variant: str, tmp_path: Path) -> None:
 
     smoke = json.loads(image.with_name(image.name + ".smoke.json").read_text())
     assert smoke["passed"] and smoke["arch"] == arch and smoke["variant"] == variant
+    assert smoke["sector_size"] == sector, "the smoke test's disk has the image's sector size"
     assert [c["name"] for c in smoke["checks"]] == EXPECTED_CHECKS[variant]
     assert all(c["passed"] for c in smoke["checks"])
     log = Path(smoke["console_log"]).read_text(errors="replace")
     assert "GNU GRUB" in log, "GRUB on the serial console"
     assert "Linux version" in log, "the kernel's log on the serial console"
     assert "__IB_END_" in log, "a shell answered commands"
+    assert re.search(rf"\[vda\] \d+ {sector}-byte logical blocks", log), "the guest's disk has the image's sectors"
 
     suite = ET.parse(image.with_name(image.name + ".smoke.xml")).getroot()
     cases = {case.get("name"): case for case in suite.iter("testcase")}
@@ -64,5 +72,7 @@ def test_build_and_boot(arch: str, variant: str, tmp_path: Path) -> None:
     # Booting never wrote the image: it still matches the DIGESTS the build published.
     digests = image.with_name(image.name + ".DIGESTS").read_text().splitlines()
     assert digests[3] == f"{hashlib.sha512(image.read_bytes()).hexdigest()}  {image.name}"
-    assert json.loads(image.with_name(image.name + ".inspect.json").read_text())["passed"]
+    audit = json.loads(image.with_name(image.name + ".inspect.json").read_text())
+    assert audit["passed"]
+    assert f"{sector}-byte sectors" in json.dumps(audit)
     assert qemu_processes() - before == set(), "a QEMU process was left behind"
