@@ -76,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
     smoke.add_argument("--boot-timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
 
+    boot = sub.add_parser("qemu", parents=[common],
+                          help="boot an image by hand, its serial console on this terminal (Ctrl-a x quits)")
+    boot.add_argument("image", type=Path)
+    boot.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    boot.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
+    boot.add_argument("--memory", default="2G", help="guest memory (default 2G)")
+    boot.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
+    boot.add_argument("--writable", action="store_true",
+                      help="keep the guest's changes in the image (default: thrown away; the DIGESTS stay true)")
+    boot.add_argument("--ssh-port", type=int, metavar="PORT", help="forward 127.0.0.1:PORT to the guest's SSH port")
+
     inspect = sub.add_parser("inspect", parents=[common], help="audit an image offline (layout, boot files, hygiene, variant)")
     inspect.add_argument("image", type=Path)
     inspect.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
@@ -186,6 +197,14 @@ def _inspect(image: Path, arch: Arch, variant: Variant, json_path: Path | None =
     return 0 if report.passed else EXIT_FAILED
 
 
+def _cmd_qemu(args: argparse.Namespace) -> int:
+    from imagebuild.smoketest.interactive import boot_interactively
+
+    arch, variant = _image_identity(args.image, args.arch, args.variant)
+    return boot_interactively(args.image, arch, variant, memory=args.memory, cpus=args.cpus,
+                              writable=args.writable, ssh_port=args.ssh_port)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     arch, variant = _image_identity(args.image, args.arch, args.variant)
     return _inspect(args.image, arch, variant, args.json, args.keep_caches)
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     commands = {"build": _cmd_build, "smoke-test": _cmd_smoke_test, "inspect": _cmd_inspect,
                 "doctor": _cmd_doctor,
+                "qemu": _cmd_qemu,
                 "stage1": _cmd_stage1,
                 "release": _cmd_release,
                 "standin": _cmd_standin}

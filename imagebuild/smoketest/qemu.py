@@ -74,7 +74,7 @@ def _probe_kvm(arch: Arch, firmware: Firmware | None) -> bool:
             vars_copy = Path(tmp) / f"vars.{firmware.format}"
             shutil.copyfile(firmware.vars_template, vars_copy)
             cmd += _pflash_args(firmware, vars_copy)
-        cmd += ["-chardev", f"socket,id=qmp0,path={_escape(qmp_path)}",
+        cmd += ["-chardev", f"socket,id=qmp0,path={escape(qmp_path)}",
                 "-mon", "chardev=qmp0,mode=control"]
         qmp = QEMUMonitorProtocol(str(qmp_path), server=True)
         logger.debug("+ %s", shlex.join(cmd))
@@ -179,14 +179,14 @@ class QemuMachine:
             *guest_args(arch=self.arch, accel=self.accel, firmware=self.firmware,
                         vars_copy=tmp / f"vars.{self.firmware.format}", disk=self._disk(tmp),
                         sector_size=self.sector_size, memory=self.memory, cpus=self.cpus),
-            *(["-drive", f"file={_escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
+            *(["-drive", f"file={escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
             # A NIC only for the cloud-init guest (the one whose datasource seed goes with a
             # network), isolated from the host's network: DHCP works, nothing gets out.
             *(network_args("restrict=on") if self.seed else []),
             # wait=on: the guest does not start before we are connected, so nothing is lost.
-            "-chardev", f"socket,id=serial0,path={_escape(tmp / 'serial.sock')},server=on,wait=on",
+            "-chardev", f"socket,id=serial0,path={escape(tmp / 'serial.sock')},server=on,wait=on",
             "-serial", "chardev:serial0",
-            "-chardev", f"socket,id=qmp0,path={_escape(tmp / 'qmp.sock')}",
+            "-chardev", f"socket,id=qmp0,path={escape(tmp / 'qmp.sock')}",
             "-mon", "chardev=qmp0,mode=control",
             "-display", "none",
             *self.extra_args,
@@ -397,7 +397,7 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
         "-smp", str(cpus),
         *_pflash_args(firmware, vars_copy),
         # snapshot=on: writes go to a throwaway overlay, the image is never changed.
-        "-drive", f"file={_escape(disk)},if=none,id=disk0,format=qcow2,snapshot={'on' if snapshot else 'off'}",
+        "-drive", f"file={escape(disk)},if=none,id=disk0,format=qcow2,snapshot={'on' if snapshot else 'off'}",
         # The disk's sectors are the image's: a 4Kn image boots on a 4Kn disk.
         "-device", f"virtio-blk-pci,drive=disk0,logical_block_size={sector_size},"
                    f"physical_block_size={sector_size}",
@@ -423,12 +423,12 @@ def network_args(netdev_options: str) -> list[str]:
 def _pflash_args(firmware: Firmware, vars_copy: Path) -> list[str]:
     fmt = firmware.format
     return [
-        "-drive", f"if=pflash,unit=0,format={fmt},readonly=on,file={_escape(firmware.code)}",
-        "-drive", f"if=pflash,unit=1,format={fmt},file={_escape(vars_copy)}",
+        "-drive", f"if=pflash,unit=0,format={fmt},readonly=on,file={escape(firmware.code)}",
+        "-drive", f"if=pflash,unit=1,format={fmt},file={escape(vars_copy)}",
     ]  # fmt: skip
 
 
-def _escape(path: Path) -> str:
+def escape(path: Path) -> str:
     """A path as a QEMU option value (a comma is written twice)."""
     return str(path).replace(",", ",,")
 
@@ -450,6 +450,25 @@ def _popen(cmd: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
         start_new_session=True,
         preexec_fn=_set_parent_death_signal,
     )
+
+
+def run_qemu(command: Sequence[str]) -> int:
+    """Run QEMU in the foreground on this terminal until it exits; its exit status.
+
+    On SIGINT/SIGTERM here, QEMU gets SIGTERM first: it exits cleanly and gives the
+    terminal back out of raw mode, which a SIGKILL would not.
+    """
+    logger.debug("+ %s", shlex.join(command))
+    proc = subprocess.Popen(list(command), preexec_fn=_set_parent_death_signal)
+    try:
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        _kill(proc)
+        raise
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
