@@ -35,6 +35,9 @@ from imagebuild.smoketest.firmware import MACHINE_ALIAS, Firmware
 # What QMP raises once QEMU has gone away; after a power-off that is the expected end.
 QMP_GONE = (QMPError, EOFError, OSError, asyncio.TimeoutError)
 
+# The block backend of the image's disk (for QMP and qemu-io).
+DISK_ID = "disk0"
+
 # How long QEMU may take from exec to accepting the serial and QMP connections.
 LAUNCH_TIMEOUT = 30.0
 # How long the KVM probe lets a guest run before asking whether it is still running.
@@ -397,9 +400,9 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
         "-smp", str(cpus),
         *_pflash_args(firmware, vars_copy),
         # snapshot=on: writes go to a throwaway overlay, the image is never changed.
-        "-drive", f"file={escape(disk)},if=none,id=disk0,format=qcow2,snapshot={'on' if snapshot else 'off'}",
+        "-drive", f"file={escape(disk)},if=none,id={DISK_ID},format=qcow2,snapshot={'on' if snapshot else 'off'}",
         # The disk's sectors are the image's: a 4Kn image boots on a 4Kn disk.
-        "-device", f"virtio-blk-pci,drive=disk0,logical_block_size={sector_size},"
+        "-device", f"virtio-blk-pci,drive={DISK_ID},logical_block_size={sector_size},"
                    f"physical_block_size={sector_size}",
         "-device", "virtio-rng-pci",
         *display,

@@ -22,7 +22,7 @@ from imagebuild.config import Arch, Variant
 from imagebuild.errors import SmokeTestError
 from imagebuild.smoketest import smoke_test
 from imagebuild.smoketest.firmware import find_firmware
-from imagebuild.smoketest.qemu import QemuMachine
+from imagebuild.smoketest.qemu import DISK_ID, QemuMachine
 
 pytestmark = pytest.mark.boot
 
@@ -117,7 +117,7 @@ def test_writes_through_the_drive_never_reach_the_image(tmp_path: Path) -> None:
     with machine_for(image, tmp_path) as machine:
         # qemu-io writes through the same block backend the guest's virtio disk uses.
         machine.qmp("human-monitor-command",
-                    **{"command-line": 'qemu-io virtio0 "write -P 0xaa 0 1M"'})  # fmt: skip
+                    **{"command-line": f'qemu-io {DISK_ID} "write -P 0xaa 0 1M"'})  # fmt: skip
     # qemu-io reports on QEMU's stdout: the write did happen, just not to the image.
     assert "wrote 1048576/1048576 bytes" in (tmp_path / "qemu.log").read_text()
     assert sha256(image) == digest
