@@ -7,6 +7,7 @@ seed with a login printed before the boot, since it has no other account that wo
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from imagebuild.log import logger
 from imagebuild.run import find_tool
 from imagebuild.smoketest import validate_image
 from imagebuild.smoketest.firmware import Firmware, find_firmware
-from imagebuild.smoketest.qemu import escape, guest_args, kvm_works, network_args, run_qemu
+from imagebuild.smoketest.qemu import guest_args, kvm_works, network_args, run_qemu
 from imagebuild.smoketest.seed import Seed, write_seed_iso
 
 
@@ -31,8 +32,7 @@ def qemu_command(image: Path, arch: Arch, *, firmware: Firmware, vars_copy: Path
         "-nodefaults",
         "-no-user-config",
         *guest_args(arch=arch, accel=accel, firmware=firmware, vars_copy=vars_copy, disk=image,
-                    sector_size=sector_size, memory=memory, cpus=cpus, snapshot=not writable),
-        *(["-drive", f"file={escape(seed_iso)},if=virtio,format=raw,readonly=on"] if seed_iso else []),
+                    sector_size=sector_size, memory=memory, cpus=cpus, snapshot=not writable, seed=seed_iso),
         *network_args(forward),
         # The serial console and QEMU's monitor share this terminal: Ctrl-a c switches,
         # Ctrl-a x quits. signal=off: a ^C goes to the guest, not to QEMU.
@@ -53,7 +53,7 @@ def boot_interactively(image: Path, arch: Arch, variant: Variant, *, memory: str
     sector_size = image_sector_size(image)
     with tempfile.TemporaryDirectory(prefix="imagebuild-qemu-") as tmp:
         vars_copy = Path(tmp) / f"vars.{firmware.format}"
-        vars_copy.write_bytes(firmware.vars_template.read_bytes())
+        shutil.copyfile(firmware.vars_template, vars_copy)
         seed = Seed.make() if variant is Variant.cloudinit else None
         seed_iso = write_seed_iso(seed, Path(tmp) / "seed.iso") if seed else None
         command = qemu_command(image, arch, firmware=firmware, vars_copy=vars_copy, accel=accel, sector_size=sector_size,

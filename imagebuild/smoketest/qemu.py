@@ -181,8 +181,7 @@ class QemuMachine:
             "-no-reboot",
             *guest_args(arch=self.arch, accel=self.accel, firmware=self.firmware,
                         vars_copy=tmp / f"vars.{self.firmware.format}", disk=self._disk(tmp),
-                        sector_size=self.sector_size, memory=self.memory, cpus=self.cpus),
-            *(["-drive", f"file={escape(self.seed)},if=virtio,format=raw,readonly=on"] if self.seed else []),
+                        sector_size=self.sector_size, memory=self.memory, cpus=self.cpus, seed=self.seed),
             # A NIC only for the cloud-init guest (the one whose datasource seed goes with a
             # network), isolated from the host's network: DHCP works, nothing gets out.
             *(network_args("restrict=on") if self.seed else []),
@@ -380,9 +379,11 @@ class QemuMachine:
 
 
 def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, disk: Path,
-               sector_size: int, memory: str, cpus: int, snapshot: bool = True) -> list[str]:
+               sector_size: int, memory: str, cpus: int, snapshot: bool = True,
+               seed: Path | None = None) -> list[str]:
     """The virtual machine itself, for the smoke test and ``imagebuild qemu`` alike: machine,
-    CPU, edk2, the image as a virtio disk with the image's own sector size, RNG, display."""
+    CPU, edk2, the image as a virtio disk with the image's own sector size, RNG, display,
+    and a NoCloud ``seed`` as a second, read-only disk when there is one."""
     if arch is Arch.amd64:
         # "max" under TCG offers x86-64-v2/v3 instructions to images built for them.
         cpu = "host" if accel == "kvm" else "max"
@@ -406,6 +407,7 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
                    f"physical_block_size={sector_size}",
         "-device", "virtio-rng-pci",
         *display,
+        *(["-drive", f"file={escape(seed)},if=virtio,format=raw,readonly=on"] if seed else []),
     ]  # fmt: skip
 
 
