@@ -159,3 +159,11 @@ def console_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def cloudinit_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
     return build_images("amd64", "cloud-init")
+
+
+@pytest.fixture(scope="session")
+def mini_stage_amd64(standin_amd64: Path) -> Path:
+    """The amd64 stand-in cut down to what a build touches (tests/hostile.py): builds in seconds."""
+    from hostile import mini_stage
+
+    return mini_stage(standin_amd64)
