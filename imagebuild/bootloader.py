@@ -7,14 +7,17 @@ stage's grub-mkimage from the stage's modules, so binary and modules always matc
 
 from __future__ import annotations
 
-import shutil
+import stat as statmod
 from pathlib import Path
 
 from imagebuild.chroot import chroot_mounts, chroot_run
 from imagebuild.config import Arch
 from imagebuild.configure import Kernel, kernel_cmdline
 from imagebuild.errors import StageError
+from imagebuild.log import logger
+from imagebuild.mounts import remove_tree
 from imagebuild.render import render
+from imagebuild.tree import Tree, kind
 
 # Built into the EFI binary so GRUB can read its config from the ESP and show it on the
 # serial line before it loads anything else; the rest load from /boot/grub/<target>.
@@ -26,9 +29,10 @@ _EMBEDDED_MODULES = (
 )
 
 
-def grub_module_dir(root: Path, arch: Arch) -> Path:
-    directory = root / "usr/lib/grub" / arch.grub_target
-    if not (directory / "linux.mod").is_file():
+def grub_module_dir(tree: Tree, arch: Arch) -> str:
+    """The image path of the stage's GRUB modules for ``arch``."""
+    directory = f"/usr/lib/grub/{arch.grub_target}"
+    if not tree.is_file(f"{directory}/linux.mod"):
         raise StageError(
             f"the stage has no GRUB modules for {arch.grub_target} ({directory})",
             hint="use a stage with sys-boot/grub built for EFI (GRUB_PLATFORMS=\"efi-64\")",
@@ -36,55 +40,69 @@ def grub_module_dir(root: Path, arch: Arch) -> Path:
     return directory
 
 
-def _mkimage_program(root: Path) -> str:
+def _mkimage_program(tree: Tree) -> str:
     for name in ("grub-mkimage", "grub2-mkimage"):
-        for directory in ("usr/bin", "bin", "usr/sbin"):
-            if (root / directory / name).exists():
-                return f"/{directory}/{name}"
+        for directory in ("/usr/bin", "/bin", "/usr/sbin"):
+            if tree.exists(f"{directory}/{name}"):
+                return f"{directory}/{name}"
     raise StageError("the stage has no grub-mkimage", hint="use a stage with sys-boot/grub installed")
 
 
-def move_boot_to_esp(root: Path, esp: Path) -> None:
-    """The ESP is /boot: move the stage's /boot into the ESP tree, leaving the mount point empty.
+def move_boot_to_esp(tree: Tree, esp: Path) -> None:
+    """The ESP is /boot: copy the stage's /boot into the ESP tree, then empty the mount point.
 
-    FAT has no symlinks, so a symlink in /boot becomes a copy of what it points to.
+    FAT has no symlinks, so a symlink to a file of /boot becomes a copy of that file (resolved
+    inside the tree: never a host file); other symlinks are left out. FAT cannot hold device
+    nodes, FIFOs or sockets either, and no stage has them in /boot: they are refused.
     """
-    boot = root / "boot"
+    boot = tree.real_directory("/boot")
     esp.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(boot.iterdir()):
-        if entry.is_symlink():
-            target = entry.resolve()
-            if target.is_file() and boot.resolve() in target.parents:
-                shutil.copy2(target, esp / entry.name)
-            entry.unlink()
-        else:
-            shutil.move(entry, esp / entry.name)
+    for directory, dirs, files in tree.walk("/boot"):
+        below = directory.removeprefix("/boot").lstrip("/")
+        for name in dirs:
+            (esp / below / name).mkdir()
+        for name in files:
+            path = f"{directory}/{name}"
+            entry = tree.lstat(path)
+            assert entry is not None
+            if statmod.S_ISLNK(entry.st_mode):
+                target = tree.stat(path)
+                if target is None or not statmod.S_ISREG(target.st_mode) or boot not in tree.host_path(path).parents:
+                    logger.info("  %s is a symlink out of /boot (or to no file): not copied to the ESP", path)
+                    continue
+            elif not statmod.S_ISREG(entry.st_mode):
+                raise StageError(f"the stage's {path} is a {kind(entry.st_mode)}: /boot becomes the FAT "
+                                 "EFI system partition, which holds files and directories only",
+                                 hint="remove it from the stage")
+            tree.copy_out(path, esp / below / name)
+    tree.empty("/boot")
 
 
-def install_grub(root: Path, esp: Path, arch: Arch, kernel: Kernel, *, esp_uuid: str, image_name: str,
+def install_grub(tree: Tree, esp: Path, arch: Arch, kernel: Kernel, *, esp_uuid: str, image_name: str,
                  root_label: str, root_fstype: str, timeout: int = 3) -> None:
     """Put GRUB's EFI binary, its modules and grub.cfg into the ESP tree ``esp``."""
-    modules_dir = grub_module_dir(root, arch)
-    program = _mkimage_program(root)
-    modules = [m for m in _EMBEDDED_MODULES if (modules_dir / f"{m}.mod").is_file()]
-    scratch = root / "tmp" / "imagebuild-grub"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with chroot_mounts(root):
+    modules_dir = grub_module_dir(tree, arch)
+    program = _mkimage_program(tree)
+    names = tree.listdir(modules_dir)
+    modules = [m for m in _EMBEDDED_MODULES if f"{m}.mod" in names]
+    scratch = "/tmp/imagebuild-grub"
+    tree.remove(scratch)
+    tree.mkdir(scratch, 0o700)
+    with chroot_mounts(tree):
         # -p without a device: GRUB takes the device it was loaded from (the ESP) and
         # looks for grub.cfg in /grub there, i.e. /boot/grub in the running system.
-        chroot_run(root, [program, "-O", arch.grub_target, "-d", f"/usr/lib/grub/{arch.grub_target}",
-                          "-p", "/grub", "-o", "/tmp/imagebuild-grub/grub.efi", *modules])
-    efi_dir = esp / "EFI" / "BOOT"
-    efi_dir.mkdir(parents=True, exist_ok=True)
-    shutil.move(scratch / "grub.efi", efi_dir / arch.efi_binary)
-    shutil.rmtree(scratch)
-    grub_dir = esp / "grub"
-    grub_dir.mkdir(exist_ok=True)
-    target_dir = grub_dir / arch.grub_target
-    target_dir.mkdir(exist_ok=True)
-    for item in modules_dir.iterdir():
-        if item.suffix in (".mod", ".lst") and item.is_file():
-            shutil.copy2(item, target_dir / item.name)
+        chroot_run(tree, [program, "-O", arch.grub_target, "-d", modules_dir,
+                          "-p", "/grub", "-o", f"{scratch}/grub.efi", *modules])
+    # What the stage's /boot brought along under these names gives way to ours.
+    efi_dir = _esp_directory(esp, "EFI/BOOT")
+    tree.copy_out(f"{scratch}/grub.efi", efi_dir / arch.efi_binary)
+    tree.remove(scratch)
+    grub_dir = _esp_directory(esp, "grub")
+    target_dir = _esp_directory(esp, f"grub/{arch.grub_target}")
+    for name in names:
+        if name.endswith((".mod", ".lst")) and tree.is_file(f"{modules_dir}/{name}"):
+            tree.copy_out(f"{modules_dir}/{name}", target_dir / name)
+    remove_tree(grub_dir / "grub.cfg")
     (grub_dir / "grub.cfg").write_text(render(
         "grub.cfg.j2",
         image_name=image_name,
@@ -100,3 +118,15 @@ def install_grub(root: Path, esp: Path, arch: Arch, kernel: Kernel, *, esp_uuid:
         root_fstype=root_fstype,
         cmdline=kernel_cmdline(arch),
     ))
+
+
+def _esp_directory(esp: Path, name: str) -> Path:
+    """Directory ``name`` of the ESP tree (which holds only our files and directories),
+    made if missing; a file in its place is removed."""
+    path = esp
+    for part in name.split("/"):
+        path = path / part
+        if path.exists() and not path.is_dir():
+            path.unlink()
+        path.mkdir(exist_ok=True)
+    return path

@@ -39,6 +39,8 @@ from imagebuild.disk import (
 )
 from imagebuild.errors import ConfigError, ImageError, StageError
 from imagebuild.mirror import fetch_stage
+from imagebuild.mounts import note_resource
+from imagebuild.tree import Tree
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.output import (
     contents_lines,
@@ -74,6 +76,11 @@ class Context:
     @property
     def root(self) -> Path:
         return self.workspace / "root"
+
+    @property
+    def tree(self) -> Tree:
+        """The unpacked stage, touched only as the image sees it (imagebuild.tree)."""
+        return Tree(self.root)
 
     @property
     def esp(self) -> Path:
@@ -160,12 +167,13 @@ def shared_stage(config: BuildConfig) -> Iterator[SharedStage]:
 
 def inspect_stage(ctx: Context) -> None:
     """What the image needs from the stage: a kernel, GRUB modules, a runnable userland."""
-    check_stage_arch(ctx.root, ctx.config.arch)
-    ctx.kernel = find_kernel(ctx.root)
-    grub_module_dir(ctx.root, ctx.config.arch)
-    check_can_execute(ctx.root, ctx.config.arch)
-    ctx.init = detect_init(ctx.root)
-    stand_in = (ctx.root / "etc/imagebuild-standin").exists()
+    tree = ctx.tree
+    check_stage_arch(tree, ctx.config.arch)
+    ctx.kernel = find_kernel(tree)
+    grub_module_dir(tree, ctx.config.arch)
+    check_can_execute(ctx.config.arch)
+    ctx.init = detect_init(tree)
+    stand_in = tree.lexists("/etc/imagebuild-standin")
     logger.info("  kernel %s%s, init %s%s", ctx.kernel.version,
                 f" with {ctx.kernel.initrd}" if ctx.kernel.initrd else " (no initramfs)",
                 ctx.init.value, " — STAND-IN stage (Debian), not Gentoo" if stand_in else "")
@@ -175,28 +183,28 @@ def configure(ctx: Context) -> None:
     config = ctx.config
     assert ctx.init is not None
     with complete_step(f"Configuring the {config.variant.value} variant"):
-        write_system_files(ctx.root, config.arch, config.layout)
+        write_system_files(ctx.tree, config.arch, config.layout)
         if config.variant == Variant.console:
-            configure_console(ctx.root, config.arch, ctx.init)
+            configure_console(ctx.tree, config.arch, ctx.init)
         else:
-            configure_cloudinit(ctx.root, config.arch, ctx.init, config.image_name)
+            configure_cloudinit(ctx.tree, config.arch, ctx.init, config.image_name)
         if config.spec is not None:
             # Catalyst's diskimage-stage2 keys, after the variant (as diskimagefs-update.sh runs first).
-            apply_stage2_keys(ctx.root, config.spec, config.arch, ctx.init)
+            apply_stage2_keys(ctx.tree, config.spec, config.arch, ctx.init)
 
 
 def install_bootloader(ctx: Context) -> None:
     assert ctx.kernel is not None and ctx.ids is not None
     with complete_step(f"Installing GRUB ({ctx.config.arch.efi_binary})"):
-        move_boot_to_esp(ctx.root, ctx.esp)
-        install_grub(ctx.root, ctx.esp, ctx.config.arch, ctx.kernel, esp_uuid=ctx.ids.esp_uuid,
+        move_boot_to_esp(ctx.tree, ctx.esp)
+        install_grub(ctx.tree, ctx.esp, ctx.config.arch, ctx.kernel, esp_uuid=ctx.ids.esp_uuid,
                      image_name=ctx.config.image_name, root_label=ctx.config.layout.root_label,
                      root_fstype=ctx.config.layout.root_fstype)
 
 
 def clean(ctx: Context) -> None:
     with complete_step("Cleaning the tree (machine-id, host keys, histories, scratch)"):
-        clean_tree(ctx.root)
+        clean_tree(ctx.tree)
 
 
 def make_disk(ctx: Context) -> None:
@@ -224,6 +232,7 @@ def write_outputs(ctx: Context) -> None:
     }
     for final in names.values():
         ctx.outputs[final] = temporary_name(final)
+        note_resource("outputs", ctx.outputs[final])  # a killed run's partials go with its workspace
         ctx.stack.callback(ctx.outputs[final].unlink, missing_ok=True)
     with complete_step(f"Converting to qcow2 ({config.compression.value})"):
         convert_to_qcow2(ctx.raw, ctx.outputs[names["image"]], config.compression)
@@ -273,9 +282,10 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: Sh
     check_prerequisites(config)
     STEP_TIMINGS.clear()  # this build's steps only, also when one process builds several
     with contextlib.ExitStack() as stack:
-        stack.enter_context(output_lock(config.image_path))
+        lock = stack.enter_context(output_lock(config.image_path))
         workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"
                                                   f"{config.variant.file_part}", keep=keep_workspace))
+        note_resource("outputs", lock)
         ctx = Context(config=config, workspace=workspace, stack=stack,
                       ids=Identifiers.make(config.image_name), shared=shared)
         if shared is None:

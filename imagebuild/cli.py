@@ -15,6 +15,9 @@ from imagebuild.errors import ImagebuildError, Interrupted
 from imagebuild.log import logger, setup_logging
 
 EXIT_FAILED = 1  # the image was made or tested and did not pass
+# Commands that mount (chroot binds, loop mounts of images): they run in a private mount
+# namespace, so nothing they mount is visible outside or outlives them.
+_MOUNTING_COMMANDS = frozenset({"build", "inspect", "stage1", "release", "standin"})
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -93,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
+    inspect.add_argument("--work-dir", type=Path, default=Path("/var/tmp/imagebuild"),
+                         help="scratch space for the raw copy (default /var/tmp/imagebuild)")
 
     seed = sub.add_parser("stage1", parents=[common],
                           help="diskimage-stage1: emerge a spec's diskimage/packages into a stage, write a seed")
@@ -145,7 +150,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     image = build_image(config, keep_workspace=args.keep_workspace)
     audit = _inspect(image, config.arch, config.variant,
-                     image.with_name(image.name + ".inspect.json"))
+                     image.with_name(image.name + ".inspect.json"), work_dir=config.work_dir)
     if not config.smoke_test:
         return audit
     return max(audit, _smoke(image, config.arch, config.variant, config.output_dir, config.boot_timeout))
@@ -187,10 +192,10 @@ def _cmd_smoke_test(args: argparse.Namespace) -> int:
 
 
 def _inspect(image: Path, arch: Arch, variant: Variant, json_path: Path | None = None,
-             keep_caches: bool = False) -> int:
-    from imagebuild.inspect import inspect_image
+             keep_caches: bool = False, work_dir: Path | None = None) -> int:
+    from imagebuild.inspect import DEFAULT_WORK_DIR, inspect_image
 
-    report = inspect_image(image, arch, variant, keep_caches=keep_caches)
+    report = inspect_image(image, arch, variant, keep_caches=keep_caches, work_dir=work_dir or DEFAULT_WORK_DIR)
     print(report.table())
     if json_path:
         json_path.write_text(report.to_json())
@@ -207,7 +212,7 @@ def _cmd_qemu(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     arch, variant = _image_identity(args.image, args.arch, args.variant)
-    return _inspect(args.image, arch, variant, args.json, args.keep_caches)
+    return _inspect(args.image, arch, variant, args.json, args.keep_caches, args.work_dir.resolve())
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
@@ -259,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                 "release": _cmd_release,
                 "standin": _cmd_standin}
     try:
+        if args.command in _MOUNTING_COMMANDS:
+            from imagebuild.mounts import enter_private_mount_namespace
+
+            enter_private_mount_namespace()
         return commands[args.command](args)
     except (ImagebuildError, Interrupted) as exc:
         if args.debug:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 from imagebuild.chroot import chroot_mounts, chroot_run
 from imagebuild.config import Arch, ImageLayout, InitSystem
 from imagebuild.errors import StageError
 from imagebuild.log import logger
-from imagebuild.mounts import empty_directory
 from imagebuild.render import render
+from imagebuild.tree import Tree
 
 # Services that would put the console variant on the network.
 _NETWORK_SERVICES = (
@@ -28,7 +27,7 @@ _NETWORK_SERVICES = (
     "NetworkManager.service",
     "dhcpcd.service",
 )
-_UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+_UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +39,14 @@ class Kernel:
     version: str
 
 
-def detect_init(root: Path) -> InitSystem:
-    if (root / "sbin/openrc").exists() or (root / "usr/sbin/openrc").exists():
+def detect_init(tree: Tree) -> InitSystem:
+    if tree.lexists("/sbin/openrc") or tree.lexists("/usr/sbin/openrc"):
         return InitSystem.openrc
-    if any((root / d / "systemd").exists() for d in ("usr/lib/systemd", "lib/systemd")):
+    if any(tree.lexists(f"{d}/systemd") for d in ("/usr/lib/systemd", "/lib/systemd")):
         return InitSystem.systemd
     raise StageError(
-        f"cannot tell the stage's init system: neither systemd nor OpenRC found in {root}",
+        "cannot tell the stage's init system: neither systemd (/usr/lib/systemd/systemd) nor OpenRC "
+        "(/sbin/openrc) is in the stage",
         hint="use a Gentoo systemd or OpenRC stage3/seed",
     )
 
@@ -55,24 +55,23 @@ def _version_key(version: str) -> list[object]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
 
 
-def find_kernel(root: Path) -> Kernel:
+def find_kernel(tree: Tree) -> Kernel:
     """The newest kernel in the stage's /boot and its initramfs (Gentoo's or Debian's names)."""
-    boot = root / "boot"
     kernels = []
-    for path in boot.glob("*") if boot.is_dir() else []:
-        match = re.fullmatch(r"(?:vmlinuz|vmlinux|kernel|Image)-(.+)", path.name)
-        if match and path.is_file() and not path.name.endswith((".old", ".sig")):
-            kernels.append((match.group(1), path.name))
+    for name in tree.listdir("/boot") if tree.is_dir("/boot") else []:
+        match = re.fullmatch(r"(?:vmlinuz|vmlinux|kernel|Image)-(.+)", name)
+        if match and tree.is_file(f"/boot/{name}") and not name.endswith((".old", ".sig")):
+            kernels.append((match.group(1), name))
     if not kernels:
         raise StageError(
-            f"the stage has no kernel in /boot ({boot} holds no vmlinuz-*, kernel-* or Image-*)",
+            "the stage has no kernel in /boot (no vmlinuz-*, kernel-* or Image-*)",
             hint="use a diskimage seed with a kernel (Catalyst's boot/kernel, or emerge "
             "sys-kernel/gentoo-kernel-bin with USE=initramfs)",
         )
     version, image = max(kernels, key=lambda k: _version_key(k[0]))
     initrd = None
     for name in (f"initramfs-{version}.img", f"initrd.img-{version}", f"initrd-{version}.img", f"initrd-{version}"):
-        if (boot / name).is_file():
+        if tree.is_file(f"/boot/{name}"):
             initrd = name
             break
     if initrd is None:
@@ -86,60 +85,46 @@ def kernel_cmdline(arch: Arch) -> str:
     return f"console={arch.serial_console} console=tty0"
 
 
-def write_system_files(root: Path, arch: Arch, layout: ImageLayout) -> None:
+def write_system_files(tree: Tree, arch: Arch, layout: ImageLayout) -> None:
     """fstab by label, GRUB defaults with serial console, empty machine-id, locale and time zone."""
-    etc = root / "etc"
-    (etc / "fstab").write_text(render("fstab.j2", **dataclasses.asdict(layout)))
+    tree.write_text("/etc/fstab", render("fstab.j2", **dataclasses.asdict(layout)))
     terminal = "serial console" if arch == Arch.amd64 else "console"
-    with open(_mkparent(etc / "default" / "grub"), "a") as f:
-        f.write(render("default-grub.j2", grub_terminal=terminal, cmdline=kernel_cmdline(arch)))
+    tree.append_text("/etc/default/grub", render("default-grub.j2", grub_terminal=terminal,
+                                                 cmdline=kernel_cmdline(arch)))
     # Catalyst's choices: C.UTF-8, us keymap, UTC; keep whatever the stage already set.
-    _write_if_missing(etc / "locale.conf", 'LANG="C.UTF-8"\n')
-    _write_if_missing(etc / "vconsole.conf", "KEYMAP=us\n")
-    if not (etc / "localtime").exists() and (root / "usr/share/zoneinfo/UTC").exists():
-        (etc / "localtime").unlink(missing_ok=True)
-        (etc / "localtime").symlink_to("../usr/share/zoneinfo/UTC")
-    make_conf = etc / "portage" / "make.conf"
-    if make_conf.is_file() and "binpkg-request-signature" not in make_conf.read_text():
-        with open(make_conf, "a") as f:
-            f.write('\n# Ensure that binary package signatures are verified\nFEATURES="binpkg-request-signature"\n')
+    tree.write_if_missing("/etc/locale.conf", 'LANG="C.UTF-8"\n')
+    tree.write_if_missing("/etc/vconsole.conf", "KEYMAP=us\n")
+    if not tree.exists("/etc/localtime") and tree.exists("/usr/share/zoneinfo/UTC"):
+        tree.unlink("/etc/localtime")
+        tree.symlink("../usr/share/zoneinfo/UTC", "/etc/localtime")
+    make_conf = "/etc/portage/make.conf"
+    if tree.is_file(make_conf) and "binpkg-request-signature" not in tree.read_text(make_conf):
+        tree.append_text(make_conf, '\n# Ensure that binary package signatures are verified\n'
+                                    'FEATURES="binpkg-request-signature"\n')
 
 
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _write_if_missing(path: Path, text: str) -> None:
-    if not path.exists() and not path.is_symlink():
-        path.write_text(text)
-
-
-def _units_present(root: Path, names: tuple[str, ...], *, vendor_only: bool = False) -> list[str]:
+def _units_present(tree: Tree, names: tuple[str, ...], *, vendor_only: bool = False) -> list[str]:
     """The unit names of ``names`` that exist; ``vendor_only`` skips /etc (aliases such as
     Debian's sshd.service -> ssh.service, which systemctl refuses to enable)."""
     dirs = _UNIT_DIRS[1:] if vendor_only else _UNIT_DIRS
-    return [n for n in names if any((root / d / n).exists() or (root / d / n).is_symlink() for d in dirs)]
+    return [n for n in names if any(tree.lexists(f"{d}/{n}") for d in dirs)]
 
 
-def configure_console(root: Path, arch: Arch, init: InitSystem) -> None:
+def configure_console(tree: Tree, arch: Arch, init: InitSystem) -> None:
     """Empty root password, a getty on the serial console, DHCP configured, no network service."""
-    _set_root_password_field(root, "")
-    if (root / "etc/cloud").is_dir():
+    _set_root_password_field(tree, "")
+    if tree.is_dir("/etc/cloud"):
         # The documented switch that keeps cloud-init from running at boot.
-        (root / "etc/cloud/cloud-init.disabled").write_text("disabled by imagebuild: console image\n")
+        tree.write_text("/etc/cloud/cloud-init.disabled", "disabled by imagebuild: console image\n")
     if init == InitSystem.systemd:
-        network_dir = root / "etc/systemd/network"
-        network_dir.mkdir(parents=True, exist_ok=True)
-        (network_dir / "80-imagebuild-dhcp.network").write_text(
-            render("dhcp.network.j2", note="systemd-networkd is disabled in the console image; "
-                   "'systemctl start systemd-networkd' brings the network up.")
-        )
-        with chroot_mounts(root):
-            chroot_run(root, ["systemctl", "enable", f"serial-getty@{arch.serial_console}.service"])
-            off = _units_present(root, _NETWORK_SERVICES)
+        tree.write_text("/etc/systemd/network/80-imagebuild-dhcp.network", render(
+            "dhcp.network.j2", note="systemd-networkd is disabled in the console image; "
+            "'systemctl start systemd-networkd' brings the network up."))
+        with chroot_mounts(tree):
+            chroot_run(tree, ["systemctl", "enable", f"serial-getty@{arch.serial_console}.service"])
+            off = _units_present(tree, _NETWORK_SERVICES)
             if off:
-                chroot_run(root, ["systemctl", "disable", *off])
+                chroot_run(tree, ["systemctl", "disable", *off])
     else:
         raise StageError(
             "OpenRC stages are not supported yet for the console variant",
@@ -163,19 +148,17 @@ _SSH_UNITS = ("sshd.service", "ssh.service")
 DEFAULT_CLOUD_USER = "gentoo"
 
 
-def configure_cloudinit(root: Path, arch: Arch, init: InitSystem, image_name: str) -> None:
+def configure_cloudinit(tree: Tree, arch: Arch, init: InitSystem, image_name: str) -> None:
     """cloud-init enabled with the repository's configuration, network and sshd on, all accounts locked."""
-    if not (root / "usr/bin/cloud-init").exists():
+    if not tree.lexists("/usr/bin/cloud-init"):
         raise StageError(
             "the stage has no cloud-init (/usr/bin/cloud-init is missing)",
             hint="use a diskimage seed with app-emulation/cloud-init installed "
             "(releng's diskimage-stage1-cloudinit.spec lists it)",
         )
-    lock_all_accounts(root)
-    (root / "etc/cloud/cloud-init.disabled").unlink(missing_ok=True)
-    config_dir = root / "etc/cloud/cloud.cfg.d"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "90-imagebuild.cfg").write_text(render(
+    lock_all_accounts(tree)
+    tree.unlink("/etc/cloud/cloud-init.disabled")
+    tree.write_text("/etc/cloud/cloud.cfg.d/90-imagebuild.cfg", render(
         "cloud-init/90-imagebuild.cfg.j2", image_name=image_name, default_user=DEFAULT_CLOUD_USER,
         init=init.value,
     ))
@@ -184,31 +167,33 @@ def configure_cloudinit(root: Path, arch: Arch, init: InitSystem, image_name: st
             "OpenRC stages are not supported yet for the cloud-init variant",
             hint="use a systemd stage (profile .../systemd) for now",
         )
-    network_dir = root / "etc/systemd/network"
-    network_dir.mkdir(parents=True, exist_ok=True)
-    (network_dir / "80-imagebuild-dhcp.network").write_text(
-        render("dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration.")
-    )
-    units = _units_present(root, _CLOUD_INIT_UNITS, vendor_only=True)
+    tree.write_text("/etc/systemd/network/80-imagebuild-dhcp.network", render(
+        "dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration."))
+    units = _units_present(tree, _CLOUD_INIT_UNITS, vendor_only=True)
     if not units:
         raise StageError(
             "the stage's cloud-init ships none of the systemd units imagebuild knows "
             f"({', '.join(_CLOUD_INIT_UNITS)})",
             hint="check the stage's cloud-init installation (USE=systemd?)",
         )
-    ssh = _units_present(root, _SSH_UNITS, vendor_only=True)
+    ssh = _units_present(tree, _SSH_UNITS, vendor_only=True)
     if not ssh:
         raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
                          hint="use a seed with net-misc/openssh installed")
-    with chroot_mounts(root):
-        chroot_run(root, ["systemctl", "enable", "systemd-networkd.service", ssh[0], *units])
+    with chroot_mounts(tree):
+        chroot_run(tree, ["systemctl", "enable", "systemd-networkd.service", ssh[0], *units])
 
 
-def lock_all_accounts(root: Path) -> None:
+def _read_shadow(tree: Tree) -> str:
+    if not tree.lexists("/etc/shadow"):
+        raise StageError("the stage has no /etc/shadow", hint="use a complete stage3 or seed")
+    return tree.read_text("/etc/shadow")
+
+
+def lock_all_accounts(tree: Tree) -> None:
     """No password works anywhere: every shadow entry gets a '!' lock (root's hash goes)."""
-    shadow = root / "etc/shadow"
     lines = []
-    for line in shadow.read_text().splitlines(keepends=True):
+    for line in _read_shadow(tree).splitlines(keepends=True):
         fields = line.split(":")
         if len(fields) > 1:
             password = fields[1]
@@ -217,14 +202,11 @@ def lock_all_accounts(root: Path) -> None:
             elif not password.startswith(("!", "*")):
                 fields[1] = "!" + password
         lines.append(":".join(fields))
-    shadow.write_text("".join(lines))
+    tree.write_text("/etc/shadow", "".join(lines), mode=0o640)
 
 
-def _set_root_password_field(root: Path, value: str) -> None:
-    shadow = root / "etc/shadow"
-    if not shadow.is_file():
-        raise StageError(f"the stage has no /etc/shadow ({shadow})", hint="use a complete stage3")
-    lines = shadow.read_text().splitlines(keepends=True)
+def _set_root_password_field(tree: Tree, value: str) -> None:
+    lines = _read_shadow(tree).splitlines(keepends=True)
     for i, line in enumerate(lines):
         fields = line.split(":")
         if fields[0] == "root":
@@ -232,29 +214,29 @@ def _set_root_password_field(root: Path, value: str) -> None:
             lines[i] = ":".join(fields)
             break
     else:
-        raise StageError(f"the stage's {shadow} has no root entry", hint="use a complete stage3")
-    shadow.write_text("".join(lines))
+        raise StageError("the stage's /etc/shadow has no root entry", hint="use a complete stage3")
+    tree.write_text("/etc/shadow", "".join(lines), mode=0o640)
 
 
 _HISTORY_FILES = (".bash_history", ".ash_history", ".sh_history", ".python_history", ".lesshst", ".viminfo")
 
 
-def clean_tree(root: Path) -> None:
+def clean_tree(tree: Tree) -> None:
     """Hygiene: nothing of the build host or of one machine's identity ships in the image."""
     # An empty machine-id: systemd makes a new one at first boot and treats the system as
-    # initialised (Catalyst does the same).
-    (root / "etc/machine-id").write_text("")
-    dbus_id = root / "var/lib/dbus/machine-id"
-    if dbus_id.is_file() and not dbus_id.is_symlink():
-        dbus_id.unlink()
-    (root / "var/lib/systemd/random-seed").unlink(missing_ok=True)
-    for key in (root / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
-    homes = [root / "root", *(p for p in (root / "home").glob("*") if p.is_dir() and not p.is_symlink())]
+    # initialised (Catalyst does the same). A machine-id that is a symlink (to
+    # /run/machine-id, say) is replaced by the empty file.
+    tree.write_text("/etc/machine-id", "", mode=0o444)
+    if tree.lstat("/var/lib/dbus/machine-id") is not None and not tree.is_symlink("/var/lib/dbus/machine-id"):
+        tree.unlink("/var/lib/dbus/machine-id")
+    tree.unlink("/var/lib/systemd/random-seed")
+    for key in tree.glob("/etc/ssh", "ssh_host_*") if tree.is_dir("/etc/ssh") else []:
+        tree.remove(key)
+    homes = ["/root", *(h for h in tree.glob("/home", "*") if tree.is_dir(h) and not tree.is_symlink(h))]
     for home in homes:
-        for name in _HISTORY_FILES:
-            (home / name).unlink(missing_ok=True)
-    for scratch in ("tmp", "var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
-        directory = root / scratch
-        if directory.is_dir() and not directory.is_symlink():
-            empty_directory(directory)
+        if tree.is_dir(home):
+            for name in _HISTORY_FILES:
+                tree.remove(f"{home}/{name}")
+    for scratch in ("/tmp", "/var/tmp", "/var/cache/distfiles", "/var/cache/binpkgs"):
+        if tree.is_dir(scratch) and not tree.is_symlink(scratch):
+            tree.empty(scratch)

@@ -3,8 +3,8 @@
 Catalyst's diskimage-stage2 runs ``fsscript``, ``rc-update`` (``rcadd`` then ``rcdel``) and
 ``unmerge`` in the chroot, then ``remove`` (``diskimage/rm``) and ``empty`` from the host
 (catalyst/targets/diskimage_stage2.py, set_action_sequence). Paths in these keys are paths
-*inside the image*: they are resolved with the tree as ``/`` (an absolute symlink means the
-image's file, never the host's), and nothing may climb out of it with ``..``.
+*inside the image*, handled through imagebuild.tree: resolved with the tree as ``/`` (an
+absolute symlink means the image's file, never the host's; ``..`` stops at the tree's root).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import fnmatch
 import glob
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -22,137 +20,94 @@ from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
 from imagebuild.config import Arch, InitSystem
 from imagebuild.errors import SpecError, StageError
 from imagebuild.log import complete_step, logger
-from imagebuild.mounts import empty_directory, remove_tree
-from imagebuild.run import run
 from imagebuild.spec import Spec
+from imagebuild.tree import Tree, image_path
 
 # The environment Catalyst's run_merge and setup_features give emerge
 # (targets/support/chroot-functions.sh): no countdowns, no config protection in a fresh
 # stage, and Catalyst's FEATURES.
-CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EMERGE_ENV: Mapping[str, str] = {
-    "PATH": CHROOT_PATH,
-    "HOME": "/root",
     "EMERGE_WARNING_DELAY": "0",
     "CLEAN_DELAY": "0",
     "CONFIG_PROTECT": "-*",
     "FEATURES": "-news binpkg-multi-instance clean-logs parallel-install",
 }
-_MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+-]*")
 
 
 # --- Paths inside the tree -------------------------------------------------------------------
-
-def _parts(path: str) -> list[str]:
-    return [p for p in PurePosixPath(path).parts if p not in ("/", ".", "")]
-
-
-def inside_root(root: Path, path: str, *, follow_last: bool = False) -> Path:
-    """The host path of image path ``path``, resolving symlinks with ``root`` as ``/``.
-
-    The last component is followed only with ``follow_last`` (removing a symlink removes the
-    link). Raises StageError when ``..`` (in ``path`` or in a symlink) climbs above ``root``.
-    """
-    pending = _parts(path)
-    current: list[str] = []
-    hops = 0
-    while pending:
-        name = pending.pop(0)
-        if name == "..":
-            if not current:
-                raise StageError(f"'{path}' leads outside the image's root ({root})",
-                                 hint="paths in the tree must stay below its /")
-            current.pop()
-            continue
-        candidate = root.joinpath(*current, name)
-        if candidate.is_symlink() and (pending or follow_last):
-            hops += 1
-            if hops > _MAX_SYMLINKS:
-                raise StageError(f"too many levels of symlinks resolving '{path}' in {root}")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                current = []  # the image's /, not the host's
-            pending = _parts(target) + pending
-            continue
-        current.append(name)
-    return root.joinpath(*current)
-
 
 def _checked_entry(spec: Spec, key: str, entry: str) -> str:
     """A path from the spec, refused when it names ``..`` or the root itself."""
     if ".." in PurePosixPath(entry).parts:
         raise SpecError(f"{spec.where(key)}: '{entry}' in {key} contains '..'",
                         hint="write absolute paths inside the image, e.g. /var/cache/distfiles")
-    if not _parts(entry):
+    if "\0" in entry:
+        raise SpecError(f"{spec.where(key)}: an entry in {key} contains a NUL byte")
+    if image_path(entry) == "/":
         raise SpecError(f"{spec.where(key)}: '{entry}' in {key} names the whole root",
                         hint="name directories or files below /")
     return entry
 
 
-def _resolve(root: Path, spec: Spec, key: str, entry: str, *, follow_last: bool) -> Path:
-    try:
-        return inside_root(root, entry, follow_last=follow_last)
-    except StageError as exc:
-        raise SpecError(f"{spec.where(key)}: {key} entry '{entry}': {exc.message}",
-                        hint="a symlink in the tree points above its root; fix the tree or the entry") from None
+def _canonical(tree: Tree, path: str) -> str:
+    """The image path ``path`` resolves to (symlinks followed inside the tree)."""
+    return tree.image_path_of(tree.host_path(path))
 
 
-def _expand(root: Path, spec: Spec, key: str, pattern: str) -> list[Path]:
-    """Glob ``pattern`` inside the tree (Catalyst: glob.iglob(recursive=True)), confined to it."""
-    parts = _parts(pattern)
+def _expand(tree: Tree, pattern: str) -> list[str]:
+    """Glob ``pattern`` inside the tree (Catalyst: glob.iglob(recursive=True)), confined to it.
+
+    Image paths come back; every directory on the way is resolved inside the tree.
+    """
+    parts = PurePosixPath(image_path(pattern)).parts[1:]
     if not any(glob.has_magic(p) for p in parts):
-        path = _resolve(root, spec, key, pattern, follow_last=False)
-        return [path] if os.path.lexists(path) else []
-    found = [root]
+        return [image_path(pattern)] if tree.lexists(pattern) else []
+    found = ["/"]
     for index, part in enumerate(parts):
         last = index == len(parts) - 1
-        matches: list[Path] = []
+        matches: list[str] = []
         for directory in found:
             if part == "**":
-                candidates = [directory, *_descendants(directory, dirs_only=not last)]
+                candidates = [directory, *_descendants(tree, directory, dirs_only=not last)]
             elif glob.has_magic(part):
-                names = sorted(os.listdir(directory))
-                candidates = [directory / n for n in names if fnmatch.fnmatchcase(n, part)
-                              and (part.startswith(".") or not n.startswith("."))]
+                candidates = [image_path(f"{directory}/{n}") for n in tree.listdir(directory)
+                              if fnmatch.fnmatchcase(n, part) and (part.startswith(".") or not n.startswith("."))]
             else:
-                candidates = [directory / part]
+                candidates = [image_path(f"{directory}/{part}")]
             for candidate in candidates:
                 if last:
-                    if os.path.lexists(candidate):
+                    if tree.lexists(candidate):
                         matches.append(candidate)
-                    continue
-                inner = "/" + candidate.relative_to(root).as_posix()
-                resolved = _resolve(root, spec, key, inner, follow_last=True)
-                if resolved.is_dir():
-                    matches.append(resolved)
+                elif tree.is_dir(candidate):
+                    matches.append(_canonical(tree, candidate))
         found = matches
     return sorted(set(found))
 
 
-def _descendants(directory: Path, *, dirs_only: bool) -> list[Path]:
+def _descendants(tree: Tree, directory: str, *, dirs_only: bool) -> list[str]:
     out = []
-    for top, dirs, files in os.walk(directory):  # os.walk never follows symlinked dirs
+    for top, dirs, files in tree.walk(directory):  # never follows symlinked dirs
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         names = dirs if dirs_only else dirs + [f for f in files if not f.startswith(".")]
-        out += [Path(top, n) for n in names]
+        out += [image_path(f"{top}/{n}") for n in names]
     return out
 
 
 # --- emerge in the chroot --------------------------------------------------------------------
 
-def require_emerge(root: Path, why: str) -> None:
+def require_emerge(tree: Tree, why: str) -> None:
     """StageError unless the tree has Portage's emerge (a Gentoo stage)."""
-    if not any(os.path.lexists(inside_root(root, p)) for p in ("/usr/bin/emerge", "/bin/emerge")):
-        raise StageError(f"{why} needs emerge, but the stage has no /usr/bin/emerge ({root})",
+    if not any(tree.lexists(p) for p in ("/usr/bin/emerge", "/bin/emerge")):
+        raise StageError(f"{why} needs emerge, but the stage has no /usr/bin/emerge",
                          hint="use a Gentoo stage3 or seed; a non-Gentoo stage cannot do this")
 
 
-def run_merge(root: Path, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+def run_merge(tree: Tree, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
     """Catalyst's run_merge: ``emerge ARGS`` in the chroot, its output on our stderr."""
     logger.info("  emerge %s", " ".join(args))
-    # stdout=2: emerge's progress goes where our log goes, live, as Catalyst shows it.
-    run(["chroot", root, "emerge", *args], env={**EMERGE_ENV, **(env or {})}, stdout=2)
+    # Output to our stderr: emerge's progress goes where our log goes, live, as Catalyst shows it.
+    chroot_run(tree, ["emerge", *args], env={**EMERGE_ENV, **(env or {})}, live=True)
 
 
 # --- The stage2 keys -------------------------------------------------------------------------
@@ -170,22 +125,22 @@ def _fsscript(spec: Spec) -> Path | None:
     return script
 
 
-def run_fsscript(root: Path, spec: Spec) -> None:
+def run_fsscript(tree: Tree, spec: Spec) -> None:
     """Copy diskimage/fsscript into the tree's /tmp, run it in the chroot, remove it."""
     script = _fsscript(spec)
     if script is None:
         return
-    tmp = inside_root(root, "/tmp", follow_last=True)
-    tmp.mkdir(mode=0o1777, exist_ok=True)
+    if not tree.exists("/tmp"):
+        tree.mkdir("/tmp", 0o1777)
+    holder = f"/tmp/imagebuild-fsscript-{os.getpid()}"
     with complete_step(f"Running fsscript {script.name} in the chroot"):
-        holder = Path(tempfile.mkdtemp(prefix="imagebuild-fsscript-", dir=tmp))
+        tree.remove(holder)
+        tree.mkdir(holder, 0o700)
         try:
-            shutil.copyfile(script, holder / script.name)
-            (holder / script.name).chmod(0o755)
-            inner = "/" + (holder / script.name).relative_to(root).as_posix()
-            run(["chroot", root, inner], env={"PATH": CHROOT_PATH, "HOME": "/root"}, stdout=2)
+            tree.copy_in(script, f"{holder}/fsscript", mode=0o755)
+            chroot_run(tree, [f"{holder}/fsscript"], live=True)
         finally:
-            shutil.rmtree(holder, ignore_errors=True)
+            tree.remove(holder)
 
 
 def _rc_entries(spec: Spec, key: str) -> list[tuple[str, str]]:
@@ -199,7 +154,7 @@ def _rc_entries(spec: Spec, key: str) -> list[tuple[str, str]]:
     return entries
 
 
-def update_services(root: Path, spec: Spec, init: InitSystem) -> None:
+def update_services(tree: Tree, spec: Spec, init: InitSystem) -> None:
     """diskimage/rcadd then diskimage/rcdel (Catalyst's targets/support/rc-update.sh).
 
     Catalyst only knows rc-update; on systemd the same entries enable and disable units.
@@ -211,33 +166,32 @@ def update_services(root: Path, spec: Spec, init: InitSystem) -> None:
         for service, runlevel in add:
             if init == InitSystem.systemd:
                 # systemd has no runlevels: the unit's [Install] section says where it goes.
-                chroot_run(root, ["systemctl", "enable", service])
+                chroot_run(tree, ["systemctl", "enable", service])
             else:
-                levels = inside_root(root, "/etc/runlevels", follow_last=True)
-                (levels / runlevel).mkdir(parents=True, exist_ok=True)  # as rc-update.sh does
-                chroot_run(root, ["rc-update", "add", service, runlevel])
+                tree.mkdir(f"/etc/runlevels/{runlevel}")  # as rc-update.sh does
+                chroot_run(tree, ["rc-update", "add", service, runlevel])
         for service, runlevel in delete:
             if init == InitSystem.systemd:
-                chroot_run(root, ["systemctl", "disable", service])
+                chroot_run(tree, ["systemctl", "disable", service])
             else:
-                chroot_run(root, ["rc-update", "del", service, runlevel])
+                chroot_run(tree, ["rc-update", "del", service, runlevel])
 
 
-def unmerge_packages(root: Path, spec: Spec) -> None:
+def unmerge_packages(tree: Tree, spec: Spec) -> None:
     """diskimage/unmerge: depclean unless diskimage/depclean is "no", then ``emerge -C``."""
     atoms = spec.get_list("diskimage/unmerge")
     if not atoms:
         return
-    require_emerge(root, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
+    require_emerge(tree, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
     with complete_step(f"Unmerging {len(atoms)} package(s)"):
         # targets/diskimage-stage2/controller.sh runs depclean.sh first; depclean.sh reads
         # the livecd key, so for disk images it is always --with-bdeps=n.
         if spec.get("diskimage/depclean") != "no":
-            run_merge(root, ["--quiet", "--depclean", "--with-bdeps=n"])
-        run_merge(root, ["--quiet", "-C", *atoms])
+            run_merge(tree, ["--quiet", "--depclean", "--with-bdeps=n"])
+        run_merge(tree, ["--quiet", "-C", *atoms])
 
 
-def remove_paths(root: Path, spec: Spec) -> None:
+def remove_paths(tree: Tree, spec: Spec) -> None:
     """diskimage/rm: paths and globs inside the image, removed without leaving it."""
     key = "diskimage/rm"
     entries = [_checked_entry(spec, key, e) for e in spec.get_list(key)]
@@ -245,15 +199,15 @@ def remove_paths(root: Path, spec: Spec) -> None:
         return
     with complete_step(f"Removing {len(entries)} diskimage/rm entries"):
         for entry in entries:
-            matches = _expand(root, spec, key, entry)
+            matches = _expand(tree, entry)
             for path in matches:
-                if path == root:
+                if path == "/":
                     raise SpecError(f"{spec.where(key)}: '{entry}' resolves to the whole root")
-                remove_tree(path)
+                tree.remove(path)
             logger.debug("  rm %s: %d match(es)", entry, len(matches))
 
 
-def empty_directories(root: Path, spec: Spec) -> None:
+def empty_directories(tree: Tree, spec: Spec) -> None:
     """diskimage/empty: directories emptied in place; a symlink or non-directory is skipped."""
     key = "diskimage/empty"
     entries = [_checked_entry(spec, key, e) for e in spec.get_list(key)]
@@ -261,17 +215,16 @@ def empty_directories(root: Path, spec: Spec) -> None:
         return
     with complete_step(f"Emptying {len(entries)} director{'y' if len(entries) == 1 else 'ies'}"):
         for entry in entries:
-            path = _resolve(root, spec, key, entry, follow_last=False)
-            if path.is_symlink() or not path.is_dir():
+            if tree.is_symlink(entry) or not tree.is_dir(entry):
                 # Catalyst's StageBase.empty warns and goes on.
                 logger.warning("diskimage/empty: %s is not a directory or does not exist; skipped", entry)
                 continue
-            if path == root:
+            if _canonical(tree, entry) == "/":
                 raise SpecError(f"{spec.where(key)}: '{entry}' resolves to the whole root")
-            empty_directory(path)
+            tree.empty(entry)
 
 
-def apply_stage2_keys(root: Path, spec: Spec, arch: Arch, init: InitSystem) -> None:
+def apply_stage2_keys(tree: Tree, spec: Spec, arch: Arch, init: InitSystem) -> None:
     """fsscript, rcadd/rcdel, unmerge in the chroot; then rm and empty (Catalyst's order)."""
     # Every spec problem is found before the tree is touched.
     _fsscript(spec)
@@ -284,13 +237,13 @@ def apply_stage2_keys(root: Path, spec: Spec, arch: Arch, init: InitSystem) -> N
                              "diskimage/unmerge") if spec.get(k)]
     if in_chroot:
         if spec.get("diskimage/unmerge"):
-            require_emerge(root, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
-        check_can_execute(root, arch)
-        with chroot_mounts(root):
-            run_fsscript(root, spec)
-            update_services(root, spec, init)
-            unmerge_packages(root, spec)
+            require_emerge(tree, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
+        check_can_execute(arch)
+        with chroot_mounts(tree):
+            run_fsscript(tree, spec)
+            update_services(tree, spec, init)
+            unmerge_packages(tree, spec)
     # From the host, after the chroot's mounts are gone.
-    remove_paths(root, spec)
-    empty_directories(root, spec)
+    remove_paths(tree, spec)
+    empty_directories(tree, spec)
 

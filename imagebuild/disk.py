@@ -21,6 +21,7 @@ from imagebuild.errors import CommandError, ImageError
 from imagebuild.log import logger
 from imagebuild.mounts import LoopDevice, mounted
 from imagebuild.run import run
+from imagebuild.tree import walk_host
 
 # Discoverable Partitions Specification root types: systemd's gpt-auto finds the root by them.
 DPS_ROOT_TYPE = {
@@ -137,7 +138,7 @@ def tree_size(root: Path) -> int:
     """Bytes the tree occupies on disk (allocated blocks, hardlinks counted once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for directory, dirs, files in os.walk(root):
+    for directory, dirs, files in walk_host(root):
         for name in dirs + files:
             st = os.lstat(os.path.join(directory, name))
             if (st.st_dev, st.st_ino) in seen:
@@ -182,7 +183,8 @@ def make_esp(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, 
 
 
 def _tree_bytes(tree: Path) -> int:
-    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    """Bytes of the files in ``tree`` (the ESP tree: our own files and directories only)."""
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in walk_host(tree) for f in files)
 
 
 def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, root_tree: Path,

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imagebuild.errors import ImagebuildError
-from imagebuild.mounts import mounted, remove_tree
+from imagebuild.mounts import mounted, note_resource
+from imagebuild.workspace import Workspace
 from imagebuild.run import run
 
 _MTOOLS = {"MTOOLS_SKIP_CHECK": "1"}
@@ -101,12 +102,18 @@ def _read_only_loop(stack: contextlib.ExitStack, raw: Path, sector: int, *, offs
                     size: int | None = None) -> str:
     cmd = ["losetup", "--find", "--show", "--read-only", "--sector-size", str(sector), "--offset", str(offset)]
     loop = run([*cmd, *(["--sizelimit", str(size)] if size else []), raw]).stdout.decode().strip()
+    note_resource("loops", Path(loop))
     stack.callback(run, ["losetup", "--detach", loop], check=False)
     return loop
 
 
+DEFAULT_WORK_DIR = Path("/var/tmp/imagebuild")
+
+
 @contextlib.contextmanager
-def open_image(image: Path, scratch: Path | None = None) -> Iterator[OpenedImage]:
+def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR) -> Iterator[OpenedImage]:
+    """Open ``image`` read-only: a raw copy, loop devices and a mount, all in a workspace
+    under ``work_dir`` (so a killed audit's loop devices are detached by the next run)."""
     info = json.loads(run(["qemu-img", "info", "--output=json", image], check=False).stdout or b"{}")
     if info.get("format") != "qcow2":
         raise ImagebuildError(
@@ -114,8 +121,7 @@ def open_image(image: Path, scratch: Path | None = None) -> Iterator[OpenedImage
             hint="give the .qcow2 file a build produced",
         )
     with contextlib.ExitStack() as stack:
-        work = Path(tempfile.mkdtemp(prefix="imagebuild-open-", dir=scratch))
-        stack.callback(remove_tree, work)
+        work = stack.enter_context(Workspace(work_dir, "audit"))
         raw = work / "disk.raw"
         run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
         with open(raw, "rb") as f:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import stat
 import struct
 from pathlib import Path
 
 from imagebuild.config import Arch, Variant
 from imagebuild.disk import DPS_ROOT_TYPE
-from imagebuild.imagefs import OpenedImage, open_image
+from imagebuild.imagefs import DEFAULT_WORK_DIR, OpenedImage, open_image
+from imagebuild.tree import Tree
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -80,10 +82,10 @@ def _partition_checks(img: OpenedImage, arch: Arch) -> list[Check]:
 
 
 def _fstab_check(img: OpenedImage) -> Check:
-    fstab = img.root / "etc/fstab"
+    tree = Tree(img.root)
     entries = {}
-    if fstab.is_file():
-        for line in fstab.read_text().splitlines():
+    if tree.is_file("/etc/fstab"):
+        for line in tree.read_text("/etc/fstab").splitlines():
             fields = line.split()
             if len(fields) >= 3 and not fields[0].startswith("#"):
                 entries[fields[1]] = (fields[0], fields[2])
@@ -116,15 +118,17 @@ def _boot_checks(img: OpenedImage, arch: Arch) -> list[Check]:
 
 
 def _hygiene_checks(img: OpenedImage, *, keep_caches: bool) -> list[Check]:
-    root = img.root
-    machine_id = root / "etc/machine-id"
-    keys = sorted(p.name for p in (root / "etc/ssh").glob("ssh_host_*"))
-    homes = [root / "root", *(p for p in (root / "home").glob("*") if p.is_dir())]
-    histories = [str(h.relative_to(root) / n) for h in homes for n in _HISTORIES if (h / n).exists()]
-    scratch = [d for d in ("tmp", "var/tmp") if (root / d).is_dir() and any((root / d).iterdir())]
-    caches = [d for d in ("var/cache/distfiles", "var/cache/binpkgs") if (root / d).is_dir() and any((root / d).iterdir())]
+    # Read as the image sees itself: its absolute symlinks lead to its own /, never the host's.
+    tree = Tree(img.root)
+    machine_id = tree.stat("/etc/machine-id")
+    keys = sorted(p.rpartition("/")[2] for p in tree.glob("/etc/ssh", "ssh_host_*"))
+    homes = ["/root", *(h for h in tree.glob("/home", "*") if tree.is_dir(h))]
+    histories = [f"{h}/{n}" for h in homes for n in _HISTORIES if tree.lexists(f"{h}/{n}")]
+    scratch = [d for d in ("/tmp", "/var/tmp") if tree.is_dir(d) and tree.listdir(d)]
+    caches = [d for d in ("/var/cache/distfiles", "/var/cache/binpkgs") if tree.is_dir(d) and tree.listdir(d)]
     checks = [
-        _check("machine-id-empty", machine_id.is_file() and machine_id.stat().st_size == 0,
+        _check("machine-id-empty", machine_id is not None and stat.S_ISREG(machine_id.st_mode)
+               and machine_id.st_size == 0,
                "/etc/machine-id is empty (made at first boot)", "/etc/machine-id is missing or not empty"),
         _check("no-ssh-host-keys", not keys, "no SSH host keys", f"SSH host keys in the image: {', '.join(keys)}"),
         _check("no-shell-history", not histories, "no shell history", f"history files: {', '.join(histories)}"),
@@ -136,20 +140,22 @@ def _hygiene_checks(img: OpenedImage, *, keep_caches: bool) -> list[Check]:
     return checks
 
 
-def _shadow(root: Path) -> dict[str, str]:
-    text = (root / "etc/shadow").read_text() if (root / "etc/shadow").is_file() else ""
+def _shadow(tree: Tree) -> dict[str, str]:
+    text = tree.read_text("/etc/shadow") if tree.is_file("/etc/shadow") else ""
     return {f[0]: f[1] for f in (line.split(":") for line in text.splitlines()) if len(f) > 1}
 
 
-def _enabled_units(root: Path) -> set[str]:
-    base = root / "etc/systemd/system"
-    return {p.name for p in base.glob("*.wants/*") if p.is_symlink()} if base.is_dir() else set()
+def _enabled_units(tree: Tree) -> set[str]:
+    base = "/etc/systemd/system"
+    wants = [d for d in tree.glob(base, "*.wants") if tree.is_dir(d)]
+    return {p.rpartition("/")[2] for d in wants for p in tree.glob(d, "*") if tree.is_symlink(p)}
 
 
 def _variant_checks(img: OpenedImage, variant: Variant) -> list[Check]:
-    shadow = _shadow(img.root)
+    tree = Tree(img.root)
+    shadow = _shadow(tree)
     if variant == Variant.console:
-        network = sorted(_enabled_units(img.root) & set(_NETWORK_UNITS))
+        network = sorted(_enabled_units(tree) & set(_NETWORK_UNITS))
         return [
             _check("console-root-empty-password", shadow.get("root") == "", "root has an empty password",
                    "root's password is not empty (a hash or lock is set)" if "root" in shadow else "no root in /etc/shadow"),
@@ -161,8 +167,9 @@ def _variant_checks(img: OpenedImage, variant: Variant) -> list[Check]:
                    f"accounts with a usable password: {', '.join(unlocked)}")]
 
 
-def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: bool = False) -> Report:
-    with open_image(image) as img:
+def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: bool = False,
+                  work_dir: Path = DEFAULT_WORK_DIR) -> Report:
+    with open_image(image, work_dir) as img:
         checks = [
             *_partition_checks(img, arch),
             _fstab_check(img),

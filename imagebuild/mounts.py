@@ -3,30 +3,59 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
+import errno
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagebuild.errors import WorkspaceError
 from imagebuild.log import logger
 from imagebuild.run import run
+from imagebuild.mountinfo import mounts_below
+from imagebuild.tree import empty_directory_fd
+
+# The innermost active workspace's recorder: it notes every mount, loop device and partial
+# output in its state file, so a later run can undo them if this one is killed with SIGKILL.
+# A context variable, so a nested workspace's recorder is replaced by its parent's on exit.
+RESOURCE_RECORDER: contextvars.ContextVar[Callable[[str, str], None] | None] = contextvars.ContextVar(
+    "imagebuild_resource_recorder", default=None)
 
 
-# The active workspace's recorder: it notes every mount and loop device in its state file,
-# so a later run can undo them if this one is killed with SIGKILL.
-_resource_hook: Callable[[str, str], None] | None = None
+def note_resource(kind: str, value: Path) -> None:
+    """Record ``value`` (kind: "mounts", "loops" or "outputs") with the active workspace."""
+    recorder = RESOURCE_RECORDER.get()
+    if recorder is not None:
+        recorder(kind, str(value))
 
 
-def register_resource_hook(hook: Callable[[str, str], None] | None) -> None:
-    global _resource_hook
-    _resource_hook = hook
+_CLONE_NEWNS = 0x00020000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_in_private_namespace = False
 
 
-def _note(kind: str, value: Path) -> None:
-    if _resource_hook is not None:
-        _resource_hook(kind, str(value))
+def enter_private_mount_namespace() -> None:
+    """Move this process (and the programs it starts) into a mount namespace of its own.
+
+    Propagation is private, so no mount imagebuild makes is seen by the host, and the kernel
+    drops them all when the last process in the namespace ends — also after a SIGKILL. Loop
+    devices are not namespaced: the workspace records those.
+    """
+    global _in_private_namespace
+    if _in_private_namespace:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise WorkspaceError(f"cannot make a private mount namespace: {os.strerror(err)}",
+                             hint="imagebuild needs root (CAP_SYS_ADMIN) to build and inspect images"
+                             if err == errno.EPERM else None)
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise WorkspaceError(f"cannot make the mount namespace private: {os.strerror(ctypes.get_errno())}")
+    _in_private_namespace = True
 
 
 def loops_backed_by(directory: Path) -> list[Path]:
@@ -36,35 +65,6 @@ def loops_backed_by(directory: Path) -> list[Path]:
     base = Path(os.path.realpath(directory))
     return [Path(d["name"]) for d in devices
             if d.get("back-file") and base in Path(d["back-file"].removesuffix(" (deleted)")).parents]
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points() -> list[Path]:
-    """Every mount point of this mount namespace, in mount order."""
-    points = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            points.append(Path(_unescape(line.split()[4])))
-    return points
-
-
-def mounts_below(path: Path) -> list[Path]:
-    """Mount points at or below ``path``, deepest (most recently mounted) first."""
-    path = Path(os.path.realpath(path))
-    found = [p for p in mount_points() if p == path or path in p.parents]
-    return list(reversed(found))
 
 
 def umount(target: Path) -> None:
@@ -80,7 +80,13 @@ def mounted(
     options: str | None = None,
     bind: bool = False,
 ) -> Iterator[Path]:
-    """Mount ``source`` on ``target`` for the duration of the block; always unmount."""
+    """Mount ``source`` on ``target`` for the duration of the block; always unmount.
+
+    ``target`` must be a real directory (callers inside an image's tree get it from
+    Tree.real_directory); a symlink there is refused, never mounted through.
+    """
+    if target.is_symlink():
+        raise WorkspaceError(f"refusing to mount on {target}: it is a symlink")
     target.mkdir(parents=True, exist_ok=True)
     cmd: list[str | Path] = ["mount"]
     if bind:
@@ -90,14 +96,15 @@ def mounted(
     if options:
         cmd += ["-o", options]
     cmd += [source, target]
-    _note("mounts", target)
+    note_resource("mounts", target)
     run(cmd)
     try:
         yield target
     finally:
         # Anything mounted below our mount (by us or a chroot) goes first.
         for point in mounts_below(target):
-            run(["umount", point], check=False)
+            if run(["umount", point], check=False).returncode != 0:
+                logger.warning("could not unmount %s; detaching it lazily", point)
         if mounts_below(target):
             run(["umount", "--lazy", target], check=False)
 
@@ -120,13 +127,15 @@ class LoopDevice:
             cmd += ["--sector-size", str(self.sector_size)]
         cmd += [self.backing]
         self.device = Path(run(cmd).stdout.decode().strip())
-        _note("loops", self.device)
+        note_resource("loops", self.device)
         logger.debug("attached %s to %s (offset %d)", self.device, self.backing, self.offset)
         return self.device
 
     def __exit__(self, *exc: object) -> None:
         if self.device is not None:
-            run(["losetup", "--detach", self.device], check=False)
+            if run(["losetup", "--detach", self.device], check=False).returncode != 0:
+                logger.warning("could not detach loop device %s (backed by %s); the next run detaches it",
+                               self.device, self.backing)
             self.device = None
 
 
@@ -142,22 +151,23 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    live = mounts_below(path)
-    if live:
-        raise WorkspaceError(
-            f"refusing to delete {path}: still mounted below it: {', '.join(map(str, live))}",
-            hint="unmount these (umount -R) and delete the directory by hand, after checking what they are",
-        )
-    shutil.rmtree(path)
+    empty_directory(path)
+    path.rmdir()
 
 
 def empty_directory(path: Path) -> None:
-    """Delete what ``path`` holds and keep the directory itself (mode, owner, xattrs)."""
+    """Delete what ``path`` holds and keep the directory itself (mode, owner, xattrs).
+
+    Iterative and by directory file descriptors: any depth, never through a symlink.
+    """
     live = mounts_below(path)
     if live:
         raise WorkspaceError(
-            f"refusing to empty {path}: still mounted below it: {', '.join(map(str, live))}",
-            hint="unmount these first",
+            f"refusing to delete below {path}: still mounted below it: {', '.join(map(str, live))}",
+            hint="unmount these (umount -R) and delete the directory by hand, after checking what they are",
         )
-    for entry in os.scandir(path):
-        remove_tree(Path(entry.path))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        empty_directory_fd(fd, path)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ from pathlib import Path
 from imagebuild.config import Compression
 from imagebuild.errors import CommandError, ImageError
 from imagebuild.run import run
+from imagebuild.tree import walk_host
 
 _CHUNK = 4 * 1024 * 1024
 
@@ -64,18 +65,24 @@ def _mode_string(mode: int) -> str:
     return stat.filemode(mode)
 
 
+def _stamp(mtime: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(mtime))
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds (the stage's, not ours)
+        return "????-??-?? ??:??"
+
+
 def contents_lines(root: Path, esp: Path) -> list[str]:
     """One line per path in the image, like a tar listing: mode, owner, size, time, path."""
     lines: list[str] = []
 
     def walk(base: Path, prefix: str) -> None:
-        for directory, dirs, files in os.walk(base):
-            dirs.sort()
+        for directory, dirs, files in walk_host(base):
             for name in sorted(dirs + files):
                 path = Path(directory) / name
                 st = path.lstat()
                 rel = prefix + "/" + str(path.relative_to(base))
-                stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(st.st_mtime))
+                stamp = _stamp(st.st_mtime)
                 line = f"{_mode_string(st.st_mode)} {st.st_uid}/{st.st_gid} {st.st_size:>10} {stamp} {rel}"
                 if stat.S_ISLNK(st.st_mode):
                     line += f" -> {os.readlink(path)}"

@@ -262,7 +262,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
             result.build_seconds = round(time.monotonic() - started, 1)
             result.size = image.stat().st_size
             with complete_step(f"Inspecting {image.name}"):
-                report = inspect_image(image, config.arch, config.variant)
+                report = inspect_image(image, config.arch, config.variant, work_dir=config.work_dir)
                 image.with_name(image.name + ".inspect.json").write_text(report.to_json())
             if not report.passed:
                 result.reason = "inspect failed: " + ", ".join(c.name for c in report.failed())

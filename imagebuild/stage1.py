@@ -13,20 +13,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from imagebuild.chroot import check_can_execute, chroot_mounts
+from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
 from imagebuild.config import Arch
-from imagebuild.customize import CHROOT_PATH, inside_root, require_emerge, run_merge
-from imagebuild.mounts import empty_directory, remove_tree
+from imagebuild.customize import require_emerge, run_merge
 from imagebuild.errors import ConfigError, SpecError, StageError, WorkspaceError
 from imagebuild.log import complete_step, logger
-from imagebuild.mounts import mounted, mounts_below
+from imagebuild.mountinfo import mounts_below
+from imagebuild.mounts import mounted
 from imagebuild.output import temporary_name
 from imagebuild.run import run
 from imagebuild.spec import Spec
+from imagebuild.tree import Tree, walk_host
 from imagebuild.unpack import unpack_stage
 from imagebuild.workspace import Workspace
 
@@ -98,15 +98,14 @@ def _spec_path(spec: Spec, key: str) -> Path | None:
     return path if path.is_absolute() else (spec.path.parent / path).resolve()
 
 
-def write_use(root: Path, flags: list[str]) -> None:
+def write_use(tree: Tree, flags: list[str]) -> None:
     """Set USE in /etc/portage/make.conf as Catalyst's write_make_conf does (sorted, unique).
 
     Catalyst rewrites the whole file; imagebuild keeps the stage's make.conf and replaces
     only its own block, which comes last so its USE= wins as Catalyst's would.
     """
-    make_conf = inside_root(root, "/etc/portage/make.conf", follow_last=True)
-    make_conf.parent.mkdir(parents=True, exist_ok=True)
-    text = make_conf.read_text() if make_conf.exists() else ""
+    make_conf = "/etc/portage/make.conf"
+    text = tree.read_text(make_conf) if tree.exists(make_conf) else ""
     if _USE_BEGIN in text:
         head, _, rest = text.partition(_USE_BEGIN)
         text = head.rstrip("\n") + "\n" + rest.partition(_USE_END)[2].lstrip("\n")
@@ -114,13 +113,12 @@ def write_use(root: Path, flags: list[str]) -> None:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + (
             f"{_USE_BEGIN}\n# The USE flags used for building in addition to what the profile provides.\n"
             f'USE="{" ".join(sorted(set(flags)))}"\n{_USE_END}\n')
-    make_conf.write_text(text)
+    tree.write_text(make_conf, text)
 
 
-def prepare_portage(root: Path, spec: Spec, confdir: Path | None) -> None:
+def prepare_portage(tree: Tree, spec: Spec, confdir: Path | None) -> None:
     """make.profile from ``profile`` and ``portage_confdir`` merged into /etc/portage."""
-    port_conf = inside_root(root, "/etc/portage", follow_last=True)
-    port_conf.mkdir(parents=True, exist_ok=True)
+    tree.mkdir("/etc/portage")
     if profile := spec.get("profile"):
         # config_profile_link: "[repo:]path", linked relative to /etc/portage.
         repo, sep, path = profile.partition(":")
@@ -129,93 +127,102 @@ def prepare_portage(root: Path, spec: Spec, confdir: Path | None) -> None:
         if ".." in PurePosixPath(path).parts or path.startswith("/") or not re.fullmatch(r"[\w.+-]+", repo):
             raise SpecError(f"{spec.where('profile')}: profile '{profile}' is not a path below profiles/",
                             hint="write it as Catalyst does, e.g. default/linux/amd64/23.0/systemd")
-        remove_tree(port_conf / "make.profile")
-        (port_conf / "make.profile").symlink_to(
-            f"../../var/db/repos/{repo}/profiles/{path}", target_is_directory=True)
+        tree.remove("/etc/portage/make.profile")
+        tree.symlink(f"../../var/db/repos/{repo}/profiles/{path}", "/etc/portage/make.profile")
     if confdir is not None:
-        # setup_confdir: "rsync -a CONFDIR/ /etc/portage/" — merged in, the stage's files stay;
-        # --remove-destination: replace a file of the tree, never write through a symlink.
-        run(["cp", "-a", "--remove-destination", "--", f"{confdir}/.", f"{port_conf}/"])
+        merge_confdir(tree, confdir, "/etc/portage")
+
+
+def merge_confdir(tree: Tree, confdir: Path, inner: str) -> None:
+    """setup_confdir's ``rsync -a CONFDIR/ /etc/portage/``: merged in, the stage's other files
+    stay; an entry of the tree in the way is replaced (never written through)."""
+    for directory, dirs, files in walk_host(confdir):
+        below = Path(directory).relative_to(confdir).as_posix().removeprefix(".")
+        dest = f"{inner}/{below}".rstrip("/")
+        for name in dirs:
+            if tree.lexists(f"{dest}/{name}") and not tree.is_dir(f"{dest}/{name}"):
+                tree.unlink(f"{dest}/{name}")
+            tree.mkdir(f"{dest}/{name}")
+        for name in files:
+            source = Path(directory, name)
+            tree.remove(f"{dest}/{name}")
+            if source.is_symlink():
+                tree.symlink(os.readlink(source), f"{dest}/{name}")
+            elif source.is_file():
+                tree.copy_in(source, f"{dest}/{name}", mode=source.stat().st_mode & 0o7777)
 
 
 @contextlib.contextmanager
-def host_resolv_conf(root: Path) -> Iterator[None]:
+def host_resolv_conf(tree: Tree) -> Iterator[None]:
     """The host's resolv.conf in the tree while emerge fetches; the stage's own put back after."""
-    etc = inside_root(root, "/etc", follow_last=True)
-    target, saved = etc / "resolv.conf", etc / ".resolv.conf.imagebuild-saved"
-    had = os.path.lexists(target)
+    target, saved = "/etc/resolv.conf", "/etc/.resolv.conf.imagebuild-saved"
+    had = tree.lexists(target)
     if had:
-        os.rename(target, saved)  # a symlink is moved, never written through
+        tree.rename(target, saved)  # a symlink is moved, never written through
     try:
         if os.path.exists("/etc/resolv.conf"):
-            shutil.copyfile("/etc/resolv.conf", target)
+            tree.copy_in(Path("/etc/resolv.conf"), target)
         else:
             logger.warning("the host has no /etc/resolv.conf: emerge cannot resolve mirror names")
         yield
     finally:
-        if os.path.lexists(target):
-            target.unlink()
+        tree.unlink(target)
         if had:
-            os.rename(saved, target)
+            tree.rename(saved, target)
 
 
 @contextlib.contextmanager
-def build_mounts(root: Path, workspace: Path, repo: Path | None, pkgcache: Path | None) -> Iterator[None]:
-    """Catalyst's bind mounts: proc/sys/dev/run, devpts, shm, repository, distfiles, package cache."""
-    repo_dir = inside_root(root, f"/var/db/repos/{REPO_NAME}", follow_last=True)
+def build_mounts(tree: Tree, workspace: Path, repo: Path | None, pkgcache: Path | None) -> Iterator[None]:
+    """Catalyst's mounts: proc/sys/dev/run (devpts and shm in /dev), repository, distfiles, package cache."""
+    repo_dir = f"/var/db/repos/{REPO_NAME}"
     with contextlib.ExitStack() as stack:
-        if repo is not None and not repo_dir.exists():
+        if repo is not None and not tree.lexists(repo_dir):
             # Runs last, once unmounted: Catalyst's clean removes the repository's mount point.
-            stack.callback(_remove_if_empty, repo_dir)
-        stack.enter_context(chroot_mounts(root))
-        stack.enter_context(mounted("/dev/pts", root / "dev/pts", bind=True))
-        stack.enter_context(mounted("shm", root / "dev/shm", fstype="tmpfs", options="mode=1777,nosuid,nodev,noexec"))
+            stack.callback(_remove_if_empty, tree, repo_dir)
+        stack.enter_context(chroot_mounts(tree))  # with /dev/pts and /dev/shm
         if repo is not None:
             # Read-only, as Catalyst's squashfs snapshot is.
-            stack.enter_context(mounted(repo, repo_dir, bind=True, options="ro"))
+            stack.enter_context(mounted(repo, tree.real_directory(repo_dir), bind=True, options="ro"))
         # Sources and binary packages stay outside the seed (Catalyst binds distdir/pkgdir).
         for source, inner in ((workspace / "distfiles", "/var/cache/distfiles"),
                               (pkgcache or workspace / "binpkgs", "/var/cache/binpkgs")):
             source.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(mounted(source, inside_root(root, inner, follow_last=True), bind=True))
+            stack.enter_context(mounted(source, tree.real_directory(inner), bind=True))
         yield
 
 
-def _remove_if_empty(directory: Path) -> None:
-    if directory.is_dir() and not mounts_below(directory) and not any(directory.iterdir()):
-        directory.rmdir()
+def _remove_if_empty(tree: Tree, directory: str) -> None:
+    if tree.is_dir(directory) and not tree.is_symlink(directory) and not tree.listdir(directory):
+        if not mounts_below(tree.host_path(directory)):
+            tree.remove(directory)
 
 
-def _check_repository(root: Path, repo: Path | None) -> None:
+def _check_repository(tree: Tree, repo: Path | None) -> None:
     if repo is not None:
         if not (repo / "profiles").is_dir():
             raise ConfigError(f"{repo} is not an ebuild repository (it has no profiles/ directory)",
                               hint="give a checkout or unpacked snapshot of the gentoo repository")
         return
-    repos = inside_root(root, "/var/db/repos", follow_last=True)
-    if not any(repos.glob("*/profiles/repo_name")):
+    if not any(tree.is_file(f"{r}/profiles/repo_name") for r in tree.glob("/var/db/repos", "*")):
         raise StageError("the stage has no ebuild repository in /var/db/repos for emerge to use",
                          hint="give the gentoo repository (a checkout or unpacked snapshot) with --repo, "
                          "as Catalyst mounts its snapshot_treeish")
 
 
-def clean_seed(root: Path, use: list[str]) -> None:
+def clean_seed(tree: Tree, use: list[str]) -> None:
     """Catalyst's clean(): build-only USE dropped, the cleanables, /etc/*- backup files."""
-    write_use(root, use)
+    write_use(tree, use)
     for inner in _CLEANABLE_FILES:
-        path = inside_root(root, inner)
-        if os.path.lexists(path) and not path.is_dir():
-            path.unlink()
+        if tree.lexists(inner) and not tree.is_dir(inner):
+            tree.unlink(inner)
     for inner in _CLEANABLE_DIRS:
-        path = inside_root(root, inner)
-        if path.is_dir() and not path.is_symlink():
-            empty_directory(path)
-    etc = inside_root(root, "/etc", follow_last=True)
-    for backup in etc.glob("*-"):  # find /etc -maxdepth 1 -name '*-' -delete
-        if backup.is_symlink() or not backup.is_dir():
-            backup.unlink()
-        elif not any(backup.iterdir()):
-            backup.rmdir()
+        if tree.is_dir(inner) and not tree.is_symlink(inner):
+            tree.empty(inner)
+    for backup in tree.glob("/etc", "*-"):  # find /etc -maxdepth 1 -name '*-' -delete
+        if tree.is_symlink(backup) or not tree.is_dir(backup):
+            tree.unlink(backup)
+        elif not tree.listdir(backup):
+            tree.remove(backup)
 
 
 def pack_seed(root: Path, output: Path) -> None:
@@ -263,25 +270,26 @@ def build_seed(spec: Spec, stage_tarball: Path, output: Path, *, arch: Arch, wor
     jobs = jobs or os.cpu_count() or 1
     args = emerge_arguments(packages, jobs=jobs, getbinpkg=getbinpkg,
                             pkgcache=pkgcache is not None and spec.get("update_seed", "no") == "no")
-    check_can_execute(Path(work_dir), arch)
+    check_can_execute(arch)
 
     with Workspace(Path(work_dir), f"seed-{arch.value}") as workspace:
         root = workspace / "root"
+        tree = Tree(root)
         with complete_step(f"Unpacking {stage_tarball.name}"):
             logger.info("  %d entries", unpack_stage(stage_tarball, root))
-        require_emerge(root, f"diskimage-stage1 ({spec.path})")
-        _check_repository(root, repo)
+        require_emerge(tree, f"diskimage-stage1 ({spec.path})")
+        _check_repository(tree, repo)
         with complete_step("Configuring Portage (make.profile, portage_confdir, USE)"):
-            prepare_portage(root, spec, confdir)
-            write_use(root, [*BUILD_ONLY_USE, *use])
+            prepare_portage(tree, spec, confdir)
+            write_use(tree, [*BUILD_ONLY_USE, *use])
         with complete_step(f"Emerging {len(packages)} packages ({arch.value})"):
-            with build_mounts(root, workspace, repo, pkgcache), host_resolv_conf(root):
-                if os.path.lexists(inside_root(root, "/usr/sbin/env-update")):
-                    run(["chroot", root, "/usr/sbin/env-update"], env={"PATH": CHROOT_PATH})  # update_env_settings
+            with build_mounts(tree, workspace, repo, pkgcache), host_resolv_conf(tree):
+                if tree.lexists("/usr/sbin/env-update"):
+                    chroot_run(tree, ["/usr/sbin/env-update"])  # update_env_settings
                 # MAKEOPTS as StageBase.setup_environment derives it from jobs/load-average.
-                run_merge(root, args, env={"MAKEOPTS": f"-j{jobs} -l{jobs}"})
+                run_merge(tree, args, env={"MAKEOPTS": f"-j{jobs} -l{jobs}"})
         with complete_step("Cleaning the tree (Catalyst's clean)"):
-            clean_seed(root, use)
+            clean_seed(tree, use)
         with complete_step(f"Packing the seed {output.name}"):
             pack_seed(root, output)
     logger.info("✓ %s (%.0f MiB)", output, output.stat().st_size / 2**20)

@@ -225,6 +225,10 @@ class Host:
     def dir(self) -> Path:
         return self.base / "dir"
 
+    @property
+    def empty(self) -> Path:
+        return self.base / "empty"
+
     def snapshot(self) -> dict[str, object]:
         state: dict[str, object] = {}
         for top, dirs, files in os.walk(self.base):
