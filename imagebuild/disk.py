@@ -199,11 +199,11 @@ def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers,
         run(["mkfs.xfs", "-q", "-f", "-i", "nrext64=0", "-L", layout.root_label,
              "-m", f"uuid={ids.root_uuid}", dev])
         with mounted(dev, mountpoint, fstype=layout.root_fstype):
-            entries = sorted(root_tree.iterdir())
             # One cp for everything keeps hardlinks between top-level directories intact;
-            # -a keeps owners, modes, times and xattrs (file capabilities).
+            # -a keeps owners, modes, times and xattrs (file capabilities), and never follows
+            # a symlink of the tree; "root/." also gives the filesystem's / the tree's mode.
             try:
-                run(["cp", "-a", "--sparse=always", *entries, mountpoint])
+                run(["cp", "-a", "--sparse=always", f"{root_tree}/.", mountpoint])
             except CommandError as exc:
                 if "No space left" in str(exc):
                     raise ImageError(

@@ -7,11 +7,13 @@ before it runs, and on failure a CommandError that carries the exact command and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -45,6 +47,18 @@ HOST_TOOLS: dict[str, tuple[str, str]] = {
     "bzip2": ("bzip2", "app-arch/bzip2"),
     "gpg": ("gnupg", "app-crypt/gnupg"),
 }
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the child gets ``sig`` when imagebuild dies, even by SIGKILL, so no
+    program of a killed run (a qemu-img, a chroot, QEMU itself) lives on."""
+    def preexec() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return preexec
 
 
 def find_tool(name: str) -> str:
@@ -107,6 +121,7 @@ def run(
         stdout=stdout if stdout is not None else subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
+        preexec_fn=die_with_parent(),
     )
     try:
         out, err = proc.communicate(input, timeout=timeout)
@@ -137,7 +152,8 @@ def output_stream(cmd: Sequence[str | os.PathLike[str]]) -> Iterator[IO[bytes]]:
     argv = [os.fspath(arg) for arg in cmd]
     argv[0] = find_tool(argv[0]) if "/" not in argv[0] else argv[0]
     logger.debug("+ %s", shlex.join(argv))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent())
     assert proc.stdout is not None
     try:
         yield proc.stdout

@@ -149,11 +149,12 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, standin_a
     env, marker = shim_env(tmp_path, "cp", "--sparse")
     proc = start_build(tmp_path, standin_amd64, env=env)
     wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
-    shim_pid = int(marker.read_text())
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait()
-    os.kill(shim_pid, signal.SIGTERM)
-    assert mounts_under(tmp_path / "work"), "the killed build should have left its root mount"
+    # The held cp died with its parent (PR_SET_PDEATHSIG); its mount namespace, and with it
+    # the root filesystem's mount, went with them. The loop device is not namespaced.
+    wait_for(lambda: not marker.exists() or not _alive(int(marker.read_text())), 30, "the held cp to end")
+    assert mounts_under(tmp_path) == [], "the killed build's mounts are private to it"
     assert loop_devices(tmp_path), "the killed build should have left its loop device"
 
     # The next run (here one that fails fast on a missing stage) cleans up first and says so.
@@ -163,14 +164,26 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, standin_a
         capture_output=True, text=True, timeout=120,
     )
     assert "cleaned up after an earlier run" in result.stderr
-    assert "loop device /dev/loop" in result.stderr and "mount " in result.stderr
+    assert "loop device /dev/loop" in result.stderr
     assert loop_devices(tmp_path) == set()
     assert mounts_under(tmp_path) == []
     assert list((tmp_path / "work").iterdir()) == []
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd64: Path) -> None:
-    """A mount that is not ours below a workspace: cleanup refuses loudly and deletes nothing through it."""
+    """A mount that is not ours below a workspace: nothing is deleted through it.
+
+    The build runs in a mount namespace of its own, made before the foreign mount: there the
+    directory is an empty one, and deleting it cannot reach what the host mounted on it.
+    """
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "keep.txt").write_text("do not delete\n")
@@ -184,12 +197,11 @@ def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd6
     try:
         os.kill(int(marker.read_text()), signal.SIGTERM)  # let the step go on; the build ends normally
         _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode != 0
-        assert "refusing to delete" in stderr and str(intruder) in stderr
         assert (precious / "keep.txt").read_text() == "do not delete\n"
     finally:
-        subprocess.run(["umount", str(intruder)], check=False)
-    shutil.rmtree(tmp_path / "work")
+        subprocess.run(["umount", "--lazy", str(intruder)], check=False)
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
+    assert (precious / "keep.txt").read_text() == "do not delete\n"
 
 
 def test_two_builds_same_output_second_refuses(tmp_path: Path, standin_amd64: Path) -> None:

@@ -1,0 +1,120 @@
+"""SIGKILL at every phase of a build, then a recovering run that must leave nothing behind.
+
+A shim for the phase's external program holds the build while that phase's resources are live
+(chroot mounts, loop devices, the raw image, a half-written qcow2, the audit's raw copy and
+read-only mount); the build is then killed with SIGKILL, which no cleanup code can answer.
+The next run with the same work and output directories (one that fails fast on a missing
+stage) must detach the loop devices, remove the workspace and the partial outputs, and say so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import hostile
+from conftest import loop_devices
+from hostile import Host, host, run_cli
+
+pytestmark = pytest.mark.integration
+__all__ = ["host"]
+
+SHIM = """#!/bin/sh
+case "$*" in
+  *"{pattern}"*)
+    {before}
+    echo "$$" > "{marker}"
+    sleep 600
+    ;;
+esac
+exec {real} "$@"
+"""
+# Writes a few bytes where qemu-img convert would write the qcow2: a half-written output.
+HALF_WRITTEN = 'for last; do :; done; printf QFI > "$last"'
+
+# phase -> (program held, argument pattern of the phase's call, shell run before holding)
+PHASES = {
+    "unpack (zstd)": ("zstd", "-dc", ""),
+    "configure (chroot mounts)": ("chroot", "systemctl", ""),
+    "grub (chroot mounts)": ("chroot", "mkimage", ""),
+    "partition (loop device)": ("sgdisk", "typecode", ""),
+    "esp (loop device)": ("mcopy", "::/", ""),
+    "root (loop mount)": ("cp", "--sparse", ""),
+    "convert (half-written qcow2)": ("qemu-img", "-O qcow2", HALF_WRITTEN),
+    "audit (raw copy, loop devices, mount)": ("mount", "norecovery", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def mini_stage_zst(mini_stage_amd64: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("zst") / "mini.tar.zst"
+    subprocess.run(["zstd", "-q", "-T0", "-o", out, mini_stage_amd64], check=True)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_sigkill_then_recovery(phase: str, tmp_path: Path, host: Host, mini_stage_amd64: Path,
+                               mini_stage_zst: Path) -> None:
+    hostile.requirements()
+    program, pattern, before = PHASES[phase]
+    shims, marker = tmp_path / "shims", tmp_path / "held"
+    shims.mkdir()
+    real = shutil.which(program)
+    assert real, program
+    (shims / program).write_text(SHIM.format(pattern=pattern, marker=marker, real=real, before=before))
+    (shims / program).chmod(0o755)
+    stage = mini_stage_zst if program == "zstd" else mini_stage_amd64
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(stage), "--no-test",
+         "-o", str(out), "--work-dir", str(work), "--stamp", hostile.STAMP],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, f"the build never reached {phase}"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.2)
+        proc.kill()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    # The held program dies with its parent (PR_SET_PDEATHSIG), and the build's mounts with
+    # its mount namespace.
+    holder = int(marker.read_text())
+    deadline = time.monotonic() + 30
+    while _alive(holder):
+        assert time.monotonic() < deadline, f"the held {program} outlived the killed build"
+        time.sleep(0.1)
+    assert any(work.iterdir()), "the killed build should have left its workspace"
+
+    finished = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if program == "mount":
+        # The audit runs on the finished image: it stays, complete (moved aside here, so the
+        # recovering run's check of out/ sees only what the recovery leaves).
+        image = f"di-amd64-console-{hostile.STAMP}.qcow2"
+        assert finished == sorted([image, *(image + c for c in hostile.COMPANIONS if c != ".inspect.json")])
+        out.rename(tmp_path / "finished")
+    result = run_cli(tmp_path, host, "build", "amd64", "console", "--stage", tmp_path / "missing.tar",
+                     "--no-test", "-o", out, "--work-dir", work, expect=2)
+    assert "does not exist" in result.error
+    assert loop_devices(work) == set(), "loop devices of the killed build were not detached"
+    assert "cleaned up after an earlier run" in result.stderr  # run_cli checked out/ is empty
