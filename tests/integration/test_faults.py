@@ -3,7 +3,8 @@
 To stop a build inside a given step, a shim for the step's external program stands first on
 PATH: when called with the step's arguments it announces itself and waits, so the signal
 arrives while that step's resources (loop devices, mounts, chroot binds) are live. The shim
-then runs the real program; everything else is the real pipeline.
+then runs the real program; everything else is the real pipeline. The stage is the mini
+stage (tests/hostile.py): the same steps as the stand-in's, in seconds.
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ def assert_nothing_left(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("step", list(STEPS))
-def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, standin_amd64: Path) -> None:
+def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, mini_stage_amd64: Path) -> None:
     require_root()
     program, pattern = STEPS[step]
     env, marker = shim_env(tmp_path, program, pattern)
-    proc = start_build(tmp_path, standin_amd64, env=env)
+    proc = start_build(tmp_path, mini_stage_amd64, env=env)
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 300, f"the {step} step")
         assert proc.poll() is None, proc.communicate()[1]
@@ -107,11 +108,11 @@ def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, stan
     assert_nothing_left(tmp_path)
 
 
-def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path, standin_amd64: Path) -> None:
+def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path, mini_stage_amd64: Path) -> None:
     """An impatient user: SIGINT, then SIGTERM while the loop mount is being undone."""
     require_root()
     env, marker = shim_env(tmp_path, "cp", "--sparse")
-    proc = start_build(tmp_path, standin_amd64, env=env)
+    proc = start_build(tmp_path, mini_stage_amd64, env=env)
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
         assert proc.poll() is None, proc.communicate()[1]
@@ -145,9 +146,9 @@ def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
     assert_nothing_left(tmp_path)
 
 
-def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, standin_amd64: Path) -> None:
+def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, mini_stage_amd64: Path) -> None:
     env, marker = shim_env(tmp_path, "cp", "--sparse")
-    proc = start_build(tmp_path, standin_amd64, env=env)
+    proc = start_build(tmp_path, mini_stage_amd64, env=env)
     wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait()
@@ -178,7 +179,7 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd64: Path) -> None:
+def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, mini_stage_amd64: Path) -> None:
     """A mount that is not ours below a workspace: nothing is deleted through it.
 
     The build runs in a mount namespace of its own, made before the foreign mount: there the
@@ -188,7 +189,7 @@ def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd6
     precious.mkdir()
     (precious / "keep.txt").write_text("do not delete\n")
     env, marker = shim_env(tmp_path, "sgdisk", "typecode")
-    proc = start_build(tmp_path, standin_amd64, "--debug", env=env)
+    proc = start_build(tmp_path, mini_stage_amd64, "--debug", env=env)
     wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the partition step")
     workspace = next((tmp_path / "work").iterdir())
     intruder = workspace / "root" / "srv" / "foreign"
@@ -204,13 +205,13 @@ def test_foreign_mount_under_the_workspace_survives(tmp_path: Path, standin_amd6
     assert (precious / "keep.txt").read_text() == "do not delete\n"
 
 
-def test_two_builds_same_output_second_refuses(tmp_path: Path, standin_amd64: Path) -> None:
+def test_two_builds_same_output_second_refuses(tmp_path: Path, mini_stage_amd64: Path) -> None:
     env, marker = shim_env(tmp_path, "sgdisk", "typecode")
-    first = start_build(tmp_path, standin_amd64, "--stamp", "20261124T050000Z", env=env)
+    first = start_build(tmp_path, mini_stage_amd64, "--stamp", "20261124T050000Z", env=env)
     try:
         wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the first build")
         second = subprocess.run(
-            [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(standin_amd64),
+            [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(mini_stage_amd64),
              "--no-test", "-o", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work2"),
              "--stamp", "20261124T050000Z"], capture_output=True, text=True, timeout=120,
         )
@@ -221,8 +222,8 @@ def test_two_builds_same_output_second_refuses(tmp_path: Path, standin_amd64: Pa
         first.communicate(timeout=60)
 
 
-def test_two_builds_different_outputs_both_succeed(tmp_path: Path, standin_amd64: Path) -> None:
-    builds = [start_build(tmp_path / name, standin_amd64, "--stamp", "20261124T060000Z", output=tmp_path / name / "out")
+def test_two_builds_different_outputs_both_succeed(tmp_path: Path, mini_stage_amd64: Path) -> None:
+    builds = [start_build(tmp_path / name, mini_stage_amd64, "--stamp", "20261124T060000Z", output=tmp_path / name / "out")
               for name in ("a", "b")]
     for proc in builds:
         _, stderr = proc.communicate(timeout=600)
