@@ -47,12 +47,14 @@ def log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
 
 def fetch(mirror: LoopbackMirror, cache: Path, **kwargs: object) -> Path:
     kwargs.setdefault("keyring", mirror.keyring)
+    kwargs.setdefault("trusted_keys", [mirror.key.fingerprint])
     return fetch_stage(mirror.url, Arch.amd64, FLAVOUR, cache, progress=False, **kwargs)  # type: ignore[arg-type]
 
 
 def fetch_fails(mirror: LoopbackMirror, cache: Path, *, base_url: str | None = None, **kwargs: object) -> str:
     """Fetch, expect a StageError, check nothing reached the cache; return the message (with hint)."""
     kwargs.setdefault("keyring", mirror.keyring)
+    kwargs.setdefault("trusted_keys", [mirror.key.fingerprint])
     with pytest.raises(StageError) as caught:
         fetch_stage(base_url or mirror.url, Arch.amd64, FLAVOUR, cache,
                     progress=False, **kwargs)  # type: ignore[arg-type]
@@ -176,7 +178,7 @@ def test_signature_by_expired_key(mirror: LoopbackMirror, signing_keys: SigningK
     # gpg exits 0 for a good signature by an expired key; it must still be refused.
     mirror.write_pointer(key=signing_keys.expired)
     keyring = signing_keys.expired.export(tmp_path / "expired.gpg")
-    message = fetch_fails(mirror, cache, keyring=keyring)
+    message = fetch_fails(mirror, cache, keyring=keyring, trusted_keys=[signing_keys.expired.fingerprint])
     assert mirror.pointer in message and "has expired" in message
     assert signing_keys.expired.fingerprint[-16:] in message
 
