@@ -226,15 +226,16 @@ def _status_lines(stdout: bytes) -> dict[str, list[list[str]]]:
     return status
 
 
-def trusted_keys_hint(trusted: frozenset[str]) -> str:
-    """Which primary keys are trusted, and how to trust another."""
+def trusted_keys_hint(trusted: frozenset[str], signer: str) -> str:
+    """Which primary keys are trusted, and how to trust ``signer`` if the user means to."""
+    trust = (f"if you publish your own stages with this key, trust it with --trusted-key {signer or 'FPR'} "
+             "(spec: imagebuild/trusted_keys; it replaces the default, so name Gentoo's key too if you "
+             "also want it)")
     if trusted == {GENTOO_RELEASE_KEY_FINGERPRINT}:
-        named = f"only Gentoo's release key {GENTOO_RELEASE_KEY_FINGERPRINT} is trusted"
-    else:
-        named = f"the trusted keys are {', '.join(sorted(trusted))}"
-    return (f"{named}; if this mirror is Gentoo's, do not use this file. If you publish your own "
-            "stages with this key, trust its primary fingerprint with --trusted-key FPR "
-            "(spec: imagebuild/trusted_keys)")
+        return (f"only Gentoo's release key {GENTOO_RELEASE_KEY_FINGERPRINT} is trusted; if this mirror is "
+                f"Gentoo's, do not use this file; {trust}")
+    return (f"the trusted keys are {', '.join(sorted(trusted))}; do not use this file unless you know this "
+            f"key; {trust}")
 
 
 def _judge(status: dict[str, list[list[str]]], returncode: int, *, what: str, keyring: Path,
@@ -284,7 +285,7 @@ def _judge(status: dict[str, list[list[str]]], returncode: int, *, what: str, ke
         return StageError(
             f"{what} is signed by {described}, which is in keyring {keyring} but is not a trusted "
             f"release key{subkey_note}",
-            hint=trusted_keys_hint(trusted),
+            hint=trusted_keys_hint(trusted, primary),
         )
     if "EXPKEYSIG" in status:
         key = status["EXPKEYSIG"][0][0]
