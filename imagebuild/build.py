@@ -115,10 +115,12 @@ def acquire_stage(ctx: Context) -> None:
         ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir)
     elif source == "mirror":
         assert ctx.config.flavour is not None
-        with complete_step(f"Fetching the latest stage3-{ctx.config.flavour} from {ctx.config.mirror}"):
-            ctx.stage_tarball = fetch_stage(ctx.config.mirror, ctx.config.arch, ctx.config.flavour,
-                                            ctx.config.cache_dir, keyring=ctx.config.keyring,
-                                            progress=sys.stderr.isatty())
+        # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
+        ctx.stage_tarball = fetch_stage(ctx.config.mirror, ctx.config.arch, ctx.config.flavour,
+                                        ctx.config.cache_dir, keyring=ctx.config.keyring,
+                                        trusted_keys=ctx.config.trusted_keys,
+                                        allow_older=ctx.config.allow_older_stage,
+                                        progress=sys.stderr.isatty())
     else:
         path = Path(source).expanduser().resolve()
         if not path.is_file():

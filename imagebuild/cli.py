@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="Gentoo mirror base URL to fetch the stage3 from (implies --stage mirror)")
     build.add_argument("--keyring", type=Path,
                        help="GnuPG keyring with the key that signs the mirror's DIGESTS (default: Gentoo's release key)")
+    build.add_argument("--trusted-key", action="append", default=[], metavar="FPR", dest="trusted_keys",
+                       help="primary key fingerprint whose signatures on the mirror's files count, instead of "
+                       "Gentoo's release key (repeatable; spec: imagebuild/trusted_keys)")
+    build.add_argument("--allow-older-stage", action="store_true",
+                       help="accept a mirror pointer older than the newest one seen for the flavour (with a warning)")
     build.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: ./out)")
     build.add_argument("--size", help="image size, e.g. 20GiB (spec: diskimage/qcow2_size)")
     build.add_argument("--esp-size", help="EFI partition size, e.g. 512MiB (spec: diskimage/qcow2_efisize)")
@@ -142,7 +147,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = resolve(
         Arch.parse(args.arch),
         Variant.parse(args.variant),
-        Overrides(spec=args.spec, stage=args.stage, mirror=args.mirror, keyring=args.keyring, output_dir=args.output, size=args.size,
+        Overrides(spec=args.spec, stage=args.stage, mirror=args.mirror, keyring=args.keyring,
+                  trusted_keys=tuple(args.trusted_keys), allow_older_stage=args.allow_older_stage,
+                  output_dir=args.output, size=args.size,
                   esp_size=args.esp_size, sector_size=args.sector_size, compression=args.compression,
                   smoke_test=False if args.no_test else None, boot_timeout=args.boot_timeout,
                   stamp=args.stamp, work_dir=args.work_dir, cache_dir=args.cache_dir,

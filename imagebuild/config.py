@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebuild.errors import ConfigError
+from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT
 
 
 class Arch(enum.StrEnum):
@@ -178,6 +179,10 @@ class BuildConfig:
     mirror: str = "https://distfiles.gentoo.org"
     flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
     keyring: Path | None = None
+    # Primary fingerprints whose signatures on the mirror's pointer and DIGESTS count.
+    trusted_keys: tuple[str, ...] = (GENTOO_RELEASE_KEY_FINGERPRINT,)
+    # Accept a pointer older than the newest one seen for the flavour (a warning, not an error).
+    allow_older_stage: bool = False
     # The loaded spec, for Catalyst's diskimage-stage2 keys (rcadd, unmerge, empty, rm,
     # fsscript) that customize.apply_stage2_keys validates and applies.
     spec: Any = None

@@ -5,12 +5,21 @@ names ``<stamp>/stage3-<flavour>-<stamp>.tar.xz <size>``; beside the tarball,
 ``<tarball>.DIGESTS`` (clearsigned, written by Catalyst) has ``# BLAKE2B HASH`` and
 ``# SHA512 HASH`` sections of ``<hex>  <file name>`` lines.
 
-Both signed files are checked with GnuPG against a keyring the user controls (imagebuild.gpg);
-only the text inside the signatures is read. The tarball is downloaded, resumably, to
-``<cache>/downloads/<name>.partial``, checked against the pointer's size and every SHA512 and
-BLAKE2B digest the DIGESTS file gives, and only then renamed to ``<cache>/stages/<name>`` with
-a ``<name>.verified.json`` record of its digests; a later fetch whose verified DIGESTS names
-the same digests reuses it without downloading.
+Both signed files are checked with GnuPG against a keyring the user controls (imagebuild.gpg),
+and count only if signed by a trusted primary key (Gentoo's release key unless the user names
+others); only the text inside the signatures is read.
+
+The pointer's header (``# Latest as of <date>`` and ``# ts=<epoch>``, written by releng's
+scripts/copy_buildsync.sh each time it publishes) says how new it is. The newest ``ts`` seen
+for each arch and flavour is kept in ``<cache>/pointers/<arch>/latest-stage3-<flavour>.json``;
+a pointer older than it, or one without ``ts`` once one with it was seen, is refused as a
+mirror that is behind or a replayed (rollback/freeze) release unless ``allow_older`` is set.
+
+The tarball is downloaded, resumably, to ``<cache>/downloads/<name>.partial``, checked against
+the pointer's size and every SHA512 and BLAKE2B digest the DIGESTS file gives, and only then
+renamed to ``<cache>/stages/<name>`` with a ``<name>.verified.json`` record of its digests. A
+later fetch whose verified DIGESTS names the same digests re-hashes the cached file and uses
+it without downloading; a cached file that no longer matches is deleted and fetched again.
 
 Failure leaves nothing in ``stages/``. A transfer cut short (dropped connection, timeout,
 Ctrl-C) keeps its ``.partial`` so the next run resumes it with an HTTP Range request; a
@@ -20,25 +29,26 @@ partial that turns out wrong (too long, digest mismatch) is deleted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import fcntl
 import hashlib
 import http.client
 import json
 import os
 import re
+import stat
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from imagebuild import __version__
 from imagebuild.config import Arch
 from imagebuild.errors import StageError
-from imagebuild.gpg import find_keyring, verify_clearsigned
+from imagebuild.gpg import (GENTOO_RELEASE_KEY_FINGERPRINT, Verified, find_keyring, fingerprint_problem,
+                            normalize_fingerprint, verify_clearsigned)
 from imagebuild.log import complete_step, logger
+from imagebuild.pointers import cache_lock, check_freshness, parse_pointer
 from imagebuild.run import find_tool
 
 DEFAULT_MIRROR = "https://distfiles.gentoo.org"
@@ -57,7 +67,6 @@ _REACH_HINT = "check the mirror URL and that this machine can reach it; try agai
 _SYNC_HINT = "the mirror may be mid-sync; try again later or use another mirror"
 
 _FLAVOUR = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
-_PATH_CHARS = re.compile(r"[A-Za-z0-9._+/-]+")
 _STAMP_SUFFIX = re.compile(r"-(@[A-Z_]+@|\d{8}(T\d{6}Z)?|latest)$")
 _TARBALL_SUFFIXES = (".tar.xz", ".tar.bz2", ".tar.gz", ".tar.zst", ".tar")
 
@@ -84,41 +93,15 @@ def flavour_from_source_subpath(text: str) -> str:
     return flavour
 
 
-@dataclasses.dataclass(frozen=True)
-class StagePointer:
-    """One ``path size`` entry of a latest-stage3 file; ``path`` is relative to autobuilds/."""
-
-    path: str
-    size: int
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.path).name
-
-
-def parse_pointer(text: str, flavour: str, *, what: str) -> StagePointer:
-    """The first entry of a (verified) latest-stage3 file that names a stage3-<flavour> tarball.
-
-    The name must be exactly ``stage3-<flavour>-<stamp>.tar.*``, so a signed pointer for
-    another flavour (``amd64-openrc-splitusr`` for ``amd64-openrc``) served in its place is refused.
-    """
-    wanted = re.compile(rf"stage3-{re.escape(flavour)}-\d{{8}}(T\d{{6}}Z)?\.tar(\.(xz|bz2|gz|zst))?")
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        path = PurePosixPath(fields[0])
-        if not wanted.fullmatch(path.name):
-            continue
-        if path.is_absolute() or ".." in path.parts or not _PATH_CHARS.fullmatch(fields[0]):
-            raise StageError(f"{what} line {number}: unsafe tarball path '{fields[0]}'",
-                             hint="do not use this mirror; report it to its operators")
-        if len(fields) < 2 or not fields[1].isdigit():
-            raise StageError(f"{what} line {number}: expected '<path> <size in bytes>', got '{line.strip()}'",
-                             hint="the mirror's pointer file is malformed; try another mirror")
-        return StagePointer(path=fields[0], size=int(fields[1]))
-    raise StageError(f"{what} names no stage3-{flavour} tarball",
-                     hint=_SYNC_HINT)
+def trusted_fingerprints(keys: Iterable[str] | None) -> frozenset[str]:
+    """Normalized primary fingerprints to trust; Gentoo's release key when ``keys`` is None or empty."""
+    names = list(keys or ())
+    if not names:
+        return frozenset({GENTOO_RELEASE_KEY_FINGERPRINT})
+    for name in names:
+        if problem := fingerprint_problem(name):
+            raise StageError(f"trusted key {problem}", hint="check --trusted-key (spec: imagebuild/trusted_keys)")
+    return frozenset(normalize_fingerprint(name) or name for name in names)
 
 
 def parse_digests(text: str, filename: str, *, what: str) -> dict[str, str]:
@@ -156,14 +139,18 @@ def parse_digests(text: str, filename: str, *, what: str) -> dict[str, str]:
 
 
 def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
-                keyring: Path | None = None, progress: bool = True) -> Path:
+                keyring: Path | None = None, trusted_keys: Iterable[str] | None = None,
+                allow_older: bool = False, progress: bool = True) -> Path:
     """The verified latest stage3-<flavour> tarball for ``arch`` from the mirror at ``base_url``.
 
     Downloads it (resuming a partial download) unless the cache already holds a file with the
-    digests of the current release. ``keyring`` defaults to imagebuild.gpg.find_keyring's choice.
+    digests of the current release. ``keyring`` defaults to imagebuild.gpg.find_keyring's choice;
+    ``trusted_keys`` (primary fingerprints) to Gentoo's release key. ``allow_older`` accepts,
+    with a warning, a pointer older than the newest one seen for this flavour.
     """
     if not _FLAVOUR.fullmatch(flavour):
         raise StageError(f"invalid stage3 flavour '{flavour}'", hint="for example amd64-openrc or arm64-systemd")
+    trusted = trusted_fingerprints(trusted_keys)
     keyring_path = find_keyring(keyring)  # before any network traffic: fail fast without a key
     find_tool("gpg")
     cache_dir = Path(cache_dir)
@@ -172,19 +159,23 @@ def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
     with complete_step(f"Fetching the latest stage3-{flavour} from {base_url}"):
         signed = _get_small(pointer_url, hint=f"check the mirror URL and that Gentoo publishes a "
                             f"stage3-{flavour} for {arch.value} (releases/{arch.value}/autobuilds/)")
-        pointer = parse_pointer(verify_clearsigned(signed, keyring_path, what=pointer_url).text,
-                                flavour, what=pointer_url)
+        verified = verify_clearsigned(signed, keyring_path, what=pointer_url, trusted=trusted)
+        pointer = parse_pointer(verified.text, flavour, what=pointer_url)
+        logger.info("  %s: %s, signed by %s", PurePosixPath(pointer_url).name, pointer.when, _signer(verified))
+        with _cache_errors(cache_dir):
+            check_freshness(cache_dir, arch, flavour, pointer, url=pointer_url, base_url=base_url,
+                            signed_by=verified.primary_key, allow_older=allow_older)
         tarball_url = f"{autobuilds}/{pointer.path}"
         digests_url = f"{tarball_url}.DIGESTS"
         signed = _get_small(digests_url, hint=_SYNC_HINT)
-        verified = verify_clearsigned(signed, keyring_path, what=digests_url)
+        verified = verify_clearsigned(signed, keyring_path, what=digests_url, trusted=trusted)
         digests = parse_digests(verified.text, pointer.name, what=digests_url)
-        logger.info("  %s (%s), signed by %s", pointer.name, _mib(pointer.size), verified.primary_key)
+        logger.info("  %s (%s), DIGESTS signed by %s", pointer.name, _mib(pointer.size), _signer(verified))
 
         stages, downloads = cache_dir / "stages", cache_dir / "downloads"
-        try:
+        with _cache_errors(cache_dir):
             downloads.mkdir(parents=True, exist_ok=True)
-            with _download_lock(downloads / f"{pointer.name}.lock"):
+            with cache_lock(downloads / f"{pointer.name}.lock", f"fetching {pointer.name}"):
                 cached = _cached_stage(stages / pointer.name, pointer.size, digests)
                 if cached is not None:
                     logger.info("  cache hit: %s", cached)
@@ -193,12 +184,23 @@ def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
                 _download(tarball_url, partial, pointer.size, progress=progress)
                 actual = _check_digests(partial, digests, tarball_url)
                 record = {"name": pointer.name, "url": tarball_url, "size": pointer.size, "digests": actual,
-                          "signed_by": verified.primary_key,
+                          "signed_by": verified.primary_key, "pointer_ts": pointer.ts,
                           "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 return _store(partial, stages, record)
-        except OSError as exc:  # network errors are StageErrors by now: this is the local disk
-            raise StageError(f"cannot write the stage cache under {cache_dir}: {exc.strerror or exc}",
-                             hint="check free space and permissions, or choose another --cache-dir") from exc
+
+
+def _signer(verified: Verified) -> str:
+    return f"primary key {verified.primary_key}" + (f" ({verified.uid})" if verified.uid else "")
+
+
+@contextlib.contextmanager
+def _cache_errors(cache_dir: Path) -> Iterator[None]:
+    """OSError -> StageError: network errors are StageErrors by now, so this is the local disk."""
+    try:
+        yield
+    except OSError as exc:
+        raise StageError(f"cannot write the stage cache under {cache_dir}: {exc.strerror or exc}",
+                         hint="check free space and permissions, or choose another --cache-dir") from exc
 
 
 # --- HTTP -----------------------------------------------------------------------------------
@@ -388,14 +390,38 @@ def _sidecar(tarball: Path) -> Path:
 
 
 def _cached_stage(tarball: Path, size: int, digests: dict[str, str]) -> Path | None:
-    """``tarball`` if the cache holds it with exactly these digests; anything stale is removed."""
+    """``tarball`` if the cache holds it with exactly these digests, re-hashed now; else None.
+
+    A cached file is never trusted on its record alone: a disk error, a stray write or a copy
+    cut short would otherwise be a "cache hit" forever. Anything that does not match is removed.
+    """
     sidecar = _sidecar(tarball)
+    if not tarball.exists() and not tarball.is_symlink():
+        sidecar.unlink(missing_ok=True)
+        return None
+    problem = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         recorded = json.loads(sidecar.read_text())["digests"]
-        if tarball.stat().st_size == size and all(recorded.get(a) == v for a, v in digests.items()):
-            return tarball
-    if tarball.exists():
-        logger.info("  cached %s does not match the current DIGESTS; fetching it again", tarball.name)
+        problem = "" if all(recorded.get(a) == v for a, v in digests.items()) else "is another release"
+    if problem is None:
+        problem = "has no readable record of its verification"
+    elif not problem:
+        info = tarball.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            problem = "is not a regular file"
+        elif info.st_size != size:
+            problem = f"is {info.st_size} bytes, not the {size} the signed pointer gives (damaged)"
+        else:
+            with complete_step(f"Re-checking the cached {tarball.name} against its signed DIGESTS"):
+                actual = _hash_file(tarball)
+            wrong = [a.upper() for a, v in digests.items() if actual[a] != v]
+            if not wrong:
+                return tarball
+            problem = f"no longer matches its signed DIGESTS ({' and '.join(wrong)} differ: damaged)"
+    if "damaged" in problem:
+        logger.warning("warning: the cached %s %s; deleting it and fetching it again", tarball.name, problem)
+    else:
+        logger.info("  the cached %s %s; deleting it and fetching it again", tarball.name, problem)
     sidecar.unlink(missing_ok=True)
     tarball.unlink(missing_ok=True)
     return None
@@ -413,18 +439,3 @@ def _store(partial: Path, stages: Path, record: dict[str, object]) -> Path:
     os.replace(partial, target)
     logger.info("  stored %s", target)
     return target
-
-
-@contextlib.contextmanager
-def _download_lock(path: Path) -> Iterator[None]:
-    """One fetch per tarball at a time: parallel builds share the cache and its .partial files."""
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("  waiting for another imagebuild that is fetching %s", path.name.removesuffix(".lock"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

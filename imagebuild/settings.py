@@ -13,6 +13,7 @@ from pathlib import Path
 
 from imagebuild.config import Arch, BuildConfig, Compression, ImageLayout, Variant, parse_size
 from imagebuild.errors import ConfigError, ImagebuildError
+from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, fingerprint_problem, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
@@ -26,6 +27,8 @@ class Overrides:
     stage: str | None = None
     mirror: str | None = None
     keyring: Path | None = None
+    trusted_keys: tuple[str, ...] = ()
+    allow_older_stage: bool = False
     output_dir: Path = Path("out")
     size: str | None = None
     esp_size: str | None = None
@@ -105,6 +108,8 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         mirror=pick(opts.mirror, "imagebuild/mirror") or BuildConfig.mirror,
         flavour=_flavour(spec, arch) if stage == "mirror" else None,
         keyring=keyring.expanduser().resolve() if keyring else None,
+        trusted_keys=_trusted_keys(spec, opts.trusted_keys),
+        allow_older_stage=opts.allow_older_stage,
         output_dir=opts.output_dir.resolve(),
         image_name=image_name,
         stamp=stamp,
@@ -117,6 +122,20 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         work_dir=(opts.work_dir or BuildConfig.work_dir).resolve(),
         cache_dir=(opts.cache_dir or BuildConfig.cache_dir).resolve(),
     )
+
+
+def _trusted_keys(spec: Spec, cli: tuple[str, ...]) -> tuple[str, ...]:
+    """--trusted-key (each may be written with spaces), else imagebuild/trusted_keys, else Gentoo's key."""
+    if cli:
+        problems = [p for text in cli if (p := fingerprint_problem(text))]
+        if problems:
+            raise ConfigError(f"--trusted-key {problems[0]}",
+                              hint="give the primary key's fingerprint; 'gpg --fingerprint KEY' shows it")
+        names = [normalize_fingerprint(text) or text for text in cli]
+    else:
+        # Checked when the spec was read: each word is a fingerprint.
+        names = [normalize_fingerprint(word) or word for word in (spec.get("imagebuild/trusted_keys") or "").split()]
+    return tuple(dict.fromkeys(names)) or (GENTOO_RELEASE_KEY_FINGERPRINT,)
 
 
 def _flavour(spec: Spec, arch: Arch) -> str:

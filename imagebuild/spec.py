@@ -21,6 +21,7 @@ import jinja2
 
 from imagebuild.config import Arch, Compression, parse_size
 from imagebuild.errors import ConfigError, SpecError
+from imagebuild.gpg import fingerprint_problem
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ IMAGEBUILD_DEFAULTS: Mapping[str, str] = MappingProxyType({
     "imagebuild/boot_timeout": "600",
     "imagebuild/mirror": "https://distfiles.gentoo.org",
 })
-# Keys without a default: imagebuild/keyring (unset: the Gentoo release key's usual places).
-IMAGEBUILD_KEYS = frozenset({*IMAGEBUILD_DEFAULTS, "imagebuild/keyring"})
+# Keys without a default: imagebuild/keyring (unset: the Gentoo release key's usual places),
+# imagebuild/trusted_keys (unset: only Gentoo's release key is trusted).
+IMAGEBUILD_KEYS = frozenset({*IMAGEBUILD_DEFAULTS, "imagebuild/keyring", "imagebuild/trusted_keys"})
 DISKIMAGE_TARGETS = frozenset({"diskimage-stage1", "diskimage-stage2"})
 STAGE_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tar.bz2")
 
@@ -388,6 +390,13 @@ def _url(value: str) -> str | None:
     return "must be an http(s):// or file:// URL, for example https://distfiles.gentoo.org"
 
 
+def _fingerprints(value: str) -> str | None:
+    problems = [p for word in value.split() if (p := fingerprint_problem(word))]
+    if problems:
+        return "; ".join(problems) + " (one word per fingerprint, no spaces inside it)"
+    return None
+
+
 _YES_NO = _choice("yes", "no")
 _VALUE_CHECKS: Mapping[str, Callable[[str], str | None]] = {
     "target": _choice(*sorted(CATALYST_TARGETS)),
@@ -404,11 +413,12 @@ _VALUE_CHECKS: Mapping[str, Callable[[str], str | None]] = {
     "imagebuild/boot_timeout": _seconds,
     "imagebuild/mirror": _url,
     "imagebuild/keyring": lambda v: None,
+    "imagebuild/trusted_keys": _fingerprints,
 }
 # Keys whose value is one word; a second word is a mistake, not a list.
 _SINGLE_WORD = frozenset({"subarch", "target", "version_stamp", "rel_type", "profile",
                           "diskimage/type", "diskimage/qcow2", "diskimage/qcow2_roottype",
-                          *IMAGEBUILD_KEYS})
+                          *(IMAGEBUILD_KEYS - {"imagebuild/trusted_keys"})})
 
 
 def _check_values(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]]) -> None:

@@ -8,7 +8,10 @@ talks HTTP to it and verifies its files with gpg exactly as it would Gentoo's.
     releases/<arch>/autobuilds/<stamp>/...tar.xz.DIGESTS              clearsigned, Catalyst's format
     releases/<arch>/autobuilds/<stamp>/...tar.xz.CONTENTS.gz
 
-Signing keys are throwaway ed25519 keys made in a temporary GNUPGHOME. The server does HTTP
+Signing keys are throwaway ed25519 keys made in a temporary GNUPGHOME (one of them signs with a
+subkey, as Gentoo's release key may). The pointer carries ``# Latest as of`` and ``# ts=`` as
+releng's copy_buildsync.sh writes them; ``write_pointer(ts=...)`` publishes an older or newer
+one (``ts=None``: no ts line). The server does HTTP
 Range (SimpleHTTPRequestHandler does not) and can misbehave on request: ``missing`` (404),
 ``hangup`` (close without answering), ``drop_after`` (close after N body bytes), ``stall_after``
 (go silent after N body bytes), ``ignore_range`` (answer 200 to a Range request). Every request
@@ -55,9 +58,10 @@ class SigningKey:
     """A throwaway OpenPGP key in its own GNUPGHOME."""
 
     home: Path
-    fingerprint: str
+    fingerprint: str  # the primary key's
     uid: str
     faked_time: str | None = None  # gpg --faked-system-time, to make a key that has expired since
+    subkey: str | None = None  # fingerprint of the signing subkey that makes the signatures, if any
 
     def _gpg(self, *args: str, input: bytes | None = None) -> bytes:
         faked = ["--faked-system-time", self.faked_time] if self.faked_time else []
@@ -68,17 +72,26 @@ class SigningKey:
         ).stdout
 
     def clearsign(self, text: str) -> bytes:
-        return self._gpg("--local-user", self.fingerprint, "--clearsign", input=text.encode())
+        # "FPR!" makes gpg sign with exactly that (sub)key.
+        signer = f"{self.subkey}!" if self.subkey else self.fingerprint
+        return self._gpg("--local-user", signer, "--clearsign", input=text.encode())
 
     def export(self, path: Path, *, armor: bool = False) -> Path:
         path.write_bytes(self._gpg("--export", *(["--armor"] if armor else []), self.fingerprint))
         return path
 
 
-def make_signing_key(home: Path, uid: str, *, expired: bool = False) -> SigningKey:
+def export_keyring(path: Path, *keys: SigningKey) -> Path:
+    """One binary keyring holding the public parts of ``keys`` (binary keyrings concatenate)."""
+    path.write_bytes(b"".join(key._gpg("--export", key.fingerprint) for key in keys))
+    return path
+
+
+def make_signing_key(home: Path, uid: str, *, expired: bool = False, subkey: bool = False) -> SigningKey:
     """A new passphrase-less ed25519 signing key in GNUPGHOME ``home`` (fast to make).
 
     ``expired``: made and used on 2020-01-01 with a one-day lifetime, so it has expired now.
+    ``subkey``: the key gets a signing subkey, and signatures are made with the subkey.
     """
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     faked_time = "20200101T000000" if expired else None
@@ -91,7 +104,15 @@ def make_signing_key(home: Path, uid: str, *, expired: bool = False) -> SigningK
     listing = subprocess.run([*base, "--with-colons", "--list-keys"],
                              capture_output=True, text=True, check=True).stdout
     fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-    return SigningKey(home=home, fingerprint=fingerprint, uid=uid, faked_time=faked_time)
+    sub = None
+    if subkey:
+        subprocess.run([*base, "--pinentry-mode", "loopback", "--passphrase", "",
+                        "--quick-add-key", fingerprint, "ed25519", "sign", "never"],
+                       capture_output=True, check=True, timeout=120)
+        listing = subprocess.run([*base, "--with-colons", "--with-subkey-fingerprint", "--list-keys"],
+                                 capture_output=True, text=True, check=True).stdout
+        sub = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")][-1]
+    return SigningKey(home=home, fingerprint=fingerprint, uid=uid, faked_time=faked_time, subkey=sub)
 
 
 def stop_gpg_agent(home: Path) -> None:
@@ -197,14 +218,18 @@ class LoopbackMirror:
         files = [self.path(self.tarball), self.path(self.contents)]
         self.write_signed(self.digests, digests_text(files, algorithms), key)
 
-    def pointer_text(self, entry: str | None = None) -> str:
+    def pointer_text(self, entry: str | None = None, ts: int | None = EPOCH) -> str:
+        """The pointer as copy_buildsync.sh writes it; ``ts=None`` leaves out both header lines."""
         size = self.path(self.tarball).stat().st_size
-        stamp_time = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(EPOCH))
         entry = entry or f"{self.stamp}/{self.tarball_name} {size}"
-        return f"# Latest as of {stamp_time}\n# ts={EPOCH}\n{entry}\n"
+        if ts is None:
+            return f"{entry}\n"
+        stamp_time = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(ts))
+        return f"# Latest as of {stamp_time}\n# ts={ts}\n{entry}\n"
 
-    def write_pointer(self, entry: str | None = None, key: SigningKey | None = None) -> None:
-        self.write_signed(self.pointer, self.pointer_text(entry), key)
+    def write_pointer(self, entry: str | None = None, key: SigningKey | None = None,
+                      ts: int | None = EPOCH) -> None:
+        self.write_signed(self.pointer, self.pointer_text(entry, ts), key)
 
     def tamper(self, relative: str, old: bytes, new: bytes) -> None:
         """Change bytes of a served file in place, without re-signing or re-digesting it."""
@@ -307,8 +332,9 @@ class _Handler(BaseHTTPRequestHandler):
 @dataclasses.dataclass(frozen=True)
 class SigningKeys:
     release: SigningKey  # the mirror's key; its public part is the keyring the tests trust
-    stranger: SigningKey  # a second key, never in the keyring
+    stranger: SigningKey  # a second key, never in the mirror's keyring
     expired: SigningKey  # a key whose lifetime ended in 2020
+    subkeyed: SigningKey  # a key that signs with its signing subkey
 
 
 @pytest.fixture(name="signing_keys", scope="session")
@@ -321,11 +347,12 @@ def signing_keys_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         release=make_signing_key(base / "release", RELEASE_UID),
         stranger=make_signing_key(base / "stranger", "Someone Else (TEST KEY) <stranger@example.invalid>"),
         expired=make_signing_key(base / "expired", "Expired Key (TEST KEY) <old@example.invalid>", expired=True),
+        subkeyed=make_signing_key(base / "subkeyed", "Subkey Signer (TEST KEY) <sub@example.invalid>", subkey=True),
     )
     try:
         yield keys
     finally:
-        for key in (keys.release, keys.stranger, keys.expired):
+        for key in (keys.release, keys.stranger, keys.expired, keys.subkeyed):
             stop_gpg_agent(key.home)
 
 
@@ -350,8 +377,8 @@ def main() -> None:
             flavour = args.flavour or f"{args.arch}-openrc"
             with LoopbackMirror(Path(tmp) / "mirror", key, arch=args.arch, flavour=flavour,
                                 tarball=args.tarball, port=args.port) as mirror:
-                print(f"mirror:  {mirror.url}/\nkeyring: {mirror.keyring}\nflavour: {mirror.flavour}",
-                      flush=True)
+                print(f"mirror:  {mirror.url}/\nkeyring: {mirror.keyring}\nflavour: {mirror.flavour}\n"
+                      f"trust:   --trusted-key {key.fingerprint}", flush=True)
                 with contextlib.suppress(KeyboardInterrupt):
                     threading.Event().wait()
         finally:

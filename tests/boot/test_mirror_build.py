@@ -33,7 +33,7 @@ def standin_mirror(tmp_path_factory: pytest.TempPathFactory, standin_amd64: Path
 def build(mirror: LoopbackMirror, tmp_path: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--mirror", mirror.url + "/",
-         "--keyring", str(mirror.keyring), "--cache-dir", str(cache), "--work-dir", str(tmp_path / "work"),
+         "--keyring", str(mirror.keyring), "--trusted-key", mirror.key.fingerprint, "--cache-dir", str(cache), "--work-dir", str(tmp_path / "work"),
          "-o", str(tmp_path / "out"), *extra],
         capture_output=True, text=True, timeout=900, env=os.environ.copy(),
     )
