@@ -81,8 +81,8 @@ def mirror_build(tmp_path: Path, host: Host, mirror: LoopbackMirror, *extra: str
 
 
 def cli_build(tmp_path: Path, host: Host, *args: str | Path, expect: int) -> Result:
-    """hostile.build with --stage mirror, its temporary files (gpg's homes, the audit's raw copy
-    of the image) in tmp_path/tmp instead of the host's /tmp, and gone at the end."""
+    """hostile.build with --stage mirror, its temporary files (gpg's homes) in tmp_path/tmp
+    instead of the host's /tmp, and gone at the end."""
     scratch = tmp_path / "tmp"
     scratch.mkdir(exist_ok=True)
     result = build(tmp_path, host, "mirror", *args, expect=expect, allowed=[scratch], env={"TMPDIR": str(scratch)})
