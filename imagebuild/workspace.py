@@ -172,6 +172,7 @@ def pid_lock(path: Path, *, busy: str, hint: str, keep_file: bool = False) -> It
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:
+            path.unlink(missing_ok=True)  # ours: we hold its lock
             raise ConfigError(f"cannot write the lock file {path}: {exc.strerror}",
                               hint="free space there or choose another directory") from None
         try:

@@ -265,3 +265,40 @@ def test_deep_tree_builds(tmp_path: Path, host: Host, mini_stage_amd64: Path) ->
     # 200 levels: deeper than anything in a stage3, shallower than the unpacker's limit.
     deep = {"/".join(["var/deep"] + ["d"] * i): directory() for i in range(1, 200)}
     build(tmp_path, host, odd(tmp_path, mini_stage_amd64, deep), expect=0)
+
+
+# --- Full filesystems before the first write ----------------------------------------------
+
+@pytest.fixture
+def full_fs():  # type: ignore[no-untyped-def]
+    """A tmpfs (outside tmp_path, so the harness's own mount check stays meaningful) filled up."""
+    import subprocess
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ib-full-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,nr_inodes=64", "tmpfs", str(path)], check=True)
+    (path / "filler").write_bytes(b"\0" * (200 << 10))
+    try:
+        (path / "filler2").write_bytes(b"\0" * (256 << 10))
+    except OSError:
+        pass  # full, as wanted
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+    path.rmdir()
+
+
+def test_work_filesystem_full(full_fs: Path, tmp_path: Path, host: Host, mini_stage_amd64: Path) -> None:
+    result = hostile.run_cli(tmp_path, host, "build", "amd64", "console", "--stage", mini_stage_amd64, "--no-test",
+                             "-o", tmp_path / "out", "--work-dir", full_fs / "work", expect=2, allowed=[full_fs])
+    assert "--work-dir" in result.error
+    assert sorted(p.name for p in full_fs.iterdir()) == ["filler", "filler2"] or \
+        [p.name for p in (full_fs / "work").iterdir()] == []
+
+
+def test_output_filesystem_full(full_fs: Path, tmp_path: Path, host: Host, mini_stage_amd64: Path) -> None:
+    out = full_fs / "out"
+    out.mkdir()
+    result = hostile.run_cli(tmp_path, host, "build", "amd64", "console", "--stage", mini_stage_amd64, "--no-test",
+                             "-o", out, "--work-dir", tmp_path / "work", expect=2, allowed=[full_fs])
+    assert str(out) in result.error
+    assert list(out.iterdir()) == [], "nothing half-written in the full output directory"
