@@ -12,9 +12,10 @@ from types import FrameType
 from imagebuild import __version__
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import ImagebuildError, Interrupted
-from imagebuild.log import logger, setup_logging
+from imagebuild.log import logger, setup_logging, step_error
 
 EXIT_FAILED = 1  # the image was made or tested and did not pass
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in imagebuild, not bad input
 # Commands that mount (chroot binds, loop mounts of images): they run in a private mount
 # namespace, so nothing they mount is visible outside or outlives them.
 _MOUNTING_COMMANDS = frozenset({"build", "inspect", "stage1", "release", "standin"})
@@ -281,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         logger.error("error: %s", exc)
         return exc.exit_code
+    except OSError as exc:  # a host file operation outside any step
+        if args.debug:
+            traceback.print_exc()
+        logger.error("error: %s", step_error(args.command, exc))
+        return ImagebuildError.exit_code
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        logger.error("error: internal error in imagebuild %s: %s: %s\n  hint: this is a bug; please report it "
+                     "with the output of the same command run with --debug", args.command, type(exc).__name__, exc)
+        return EXIT_INTERNAL
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
