@@ -12,7 +12,7 @@ from pathlib import Path
 
 from imagebuild.chroot import chroot_mounts, chroot_run
 from imagebuild.config import Arch
-from imagebuild.configure import Kernel, kernel_cmdline
+from imagebuild.configure import Kernel
 from imagebuild.errors import StageError
 from imagebuild.log import logger
 from imagebuild.mounts import remove_tree
@@ -79,7 +79,7 @@ def move_boot_to_esp(tree: Tree, esp: Path) -> None:
 
 
 def install_grub(tree: Tree, esp: Path, arch: Arch, kernel: Kernel, *, esp_uuid: str, image_name: str,
-                 root_label: str, root_fstype: str, timeout: int = 3) -> None:
+                 root_label: str, root_fstype: str, cmdline: str, timeout: int = 3) -> None:
     """Put GRUB's EFI binary, its modules and grub.cfg into the ESP tree ``esp``."""
     modules_dir = grub_module_dir(tree, arch)
     program = _mkimage_program(tree)
@@ -116,7 +116,7 @@ def install_grub(tree: Tree, esp: Path, arch: Arch, kernel: Kernel, *, esp_uuid:
         kernel_version=kernel.version,
         root_label=root_label,
         root_fstype=root_fstype,
-        cmdline=kernel_cmdline(arch),
+        cmdline=cmdline,
     ))
 
 

@@ -20,11 +20,13 @@ from imagebuild.chroot import check_can_execute, check_stage_arch
 from imagebuild.config import BuildConfig, InitSystem, Variant
 from imagebuild.configure import (
     Kernel,
+    check_init_files,
     clean_tree,
     configure_cloudinit,
     configure_console,
     detect_init,
     find_kernel,
+    kernel_cmdline,
     write_system_files,
 )
 from imagebuild.customize import apply_stage2_keys
@@ -111,8 +113,8 @@ def check_prerequisites(config: BuildConfig) -> None:
 
 def acquire_stage(ctx: Context) -> None:
     source = ctx.config.stage
-    if source == "standin":
-        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir)
+    if source in standin.SOURCES:
+        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir, standin.SOURCES[source])
     elif source == "mirror":
         assert ctx.config.flavour is not None
         # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
@@ -175,6 +177,14 @@ def inspect_stage(ctx: Context) -> None:
     grub_module_dir(tree, ctx.config.arch)
     check_can_execute(ctx.config.arch)
     ctx.init = detect_init(tree)
+    expected = ctx.config.init
+    if expected is not None and ctx.init != expected:
+        raise StageError(
+            f"the stage runs {ctx.init.value}, but {ctx.config.init_source} asks for {expected.value}",
+            hint=f"use a {expected.value} stage, or a spec for {ctx.init.value} "
+            f"(the shipped ones: specs/ARCH/VARIANT.spec for systemd, VARIANT-openrc.spec for OpenRC)",
+        )
+    check_init_files(tree, ctx.init, ctx.config.variant)
     stand_in = tree.lexists("/etc/imagebuild-standin")
     logger.info("  kernel %s%s, init %s%s", ctx.kernel.version,
                 f" with {ctx.kernel.initrd}" if ctx.kernel.initrd else " (no initramfs)",
@@ -185,7 +195,7 @@ def configure(ctx: Context) -> None:
     config = ctx.config
     assert ctx.init is not None
     with complete_step(f"Configuring the {config.variant.value} variant"):
-        write_system_files(ctx.tree, config.arch, config.layout)
+        write_system_files(ctx.tree, config.arch, config.variant, config.layout)
         if config.variant == Variant.console:
             configure_console(ctx.tree, config.arch, ctx.init)
         else:
@@ -201,7 +211,8 @@ def install_bootloader(ctx: Context) -> None:
         move_boot_to_esp(ctx.tree, ctx.esp)
         install_grub(ctx.tree, ctx.esp, ctx.config.arch, ctx.kernel, esp_uuid=ctx.ids.esp_uuid,
                      image_name=ctx.config.image_name, root_label=ctx.config.layout.root_label,
-                     root_fstype=ctx.config.layout.root_fstype)
+                     root_fstype=ctx.config.layout.root_fstype,
+                     cmdline=kernel_cmdline(ctx.config.arch, ctx.config.variant))
 
 
 def clean(ctx: Context) -> None:
@@ -263,10 +274,10 @@ def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, obj
         "stamp": config.stamp,
         "spec": str(config.spec_path) if config.spec_path else None,
         "stage": {
-            "source": config.stage if config.stage in ("standin", "mirror") else "local",
+            "source": config.stage if config.stage in ("mirror", *standin.SOURCES) else "local",
             "file": ctx.stage_tarball.name,
             "size": ctx.stage_tarball.stat().st_size,
-            "stand_in": config.stage == "standin",
+            "stand_in": config.stage in standin.SOURCES,
         },
         "init": ctx.init.value if ctx.init else None,
         "kernel": dataclasses.asdict(ctx.kernel),

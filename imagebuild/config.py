@@ -86,6 +86,48 @@ class InitSystem(enum.StrEnum):
     openrc = "openrc"
 
 
+# The stage sources that name an offline stand-in (imagebuild.standin), and the init of each.
+STANDIN_SOURCES = {"standin": InitSystem.systemd, "standin-systemd": InitSystem.systemd,
+                   "standin-openrc": InitSystem.openrc}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageKind:
+    """A variant on an init: what one published image is, apart from its architecture.
+
+    Gentoo publishes systemd images (``console``, ``cloud-init``); the OpenRC ones carry the
+    init in their names (``console-openrc``, file part ``console-openrc``, ``cloudinit-openrc``).
+    """
+
+    variant: Variant
+    init: InitSystem = InitSystem.systemd
+
+    @classmethod
+    def parse(cls, text: str) -> ImageKind:
+        name, dash, init = text.rpartition("-")
+        if dash and init in (i.value for i in InitSystem):
+            return cls(Variant.parse(name), InitSystem(init))
+        try:
+            return cls(Variant.parse(text))
+        except ConfigError:
+            raise ConfigError(
+                f"unknown image variant '{text}'",
+                hint="use console or cloud-init, optionally with -openrc (console-openrc)",
+            ) from None
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.init == InitSystem.systemd else f"-{self.init.value}"
+
+    @property
+    def file_part(self) -> str:
+        """How the image's file and pointer names spell it: cloudinit, console-openrc."""
+        return self.variant.file_part + self.suffix
+
+    def __str__(self) -> str:
+        return self.variant.value + self.suffix
+
+
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -188,7 +230,15 @@ class BuildConfig:
     spec: Any = None
     work_dir: Path = Path("/var/tmp/imagebuild")
     cache_dir: Path = Path("/var/cache/imagebuild")
+    # The init the spec or the command line expects of the stage (None: whatever it runs).
+    init: InitSystem | None = None
+    init_source: str = ""  # what said so, for the message when the stage disagrees
 
     @property
     def image_path(self) -> Path:
         return self.output_dir / self.image_name
+
+    @property
+    def kind(self) -> ImageKind:
+        """The variant on the init the build expects (systemd when nothing says otherwise)."""
+        return ImageKind(self.variant, self.init or InitSystem.systemd)

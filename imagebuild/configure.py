@@ -9,25 +9,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from imagebuild import services
 from imagebuild.chroot import chroot_mounts, chroot_run
-from imagebuild.config import Arch, ImageLayout, InitSystem
+from imagebuild.config import Arch, ImageLayout, InitSystem, Variant
 from imagebuild.errors import StageError
 from imagebuild.log import logger
 from imagebuild.render import render
 from imagebuild.tree import Tree
-
-# Services that would put the console variant on the network.
-_NETWORK_SERVICES = (
-    "ssh.service",
-    "sshd.service",
-    "ssh.socket",
-    "sshd.socket",
-    "systemd-networkd.service",
-    "systemd-networkd.socket",
-    "NetworkManager.service",
-    "dhcpcd.service",
-)
-_UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +28,8 @@ class Kernel:
 
 
 def detect_init(tree: Tree) -> InitSystem:
-    if tree.lexists("/sbin/openrc") or tree.lexists("/usr/sbin/openrc"):
-        return InitSystem.openrc
-    if any(tree.lexists(f"{d}/systemd") for d in ("/usr/lib/systemd", "/lib/systemd")):
-        return InitSystem.systemd
+    if (init := services.init_of(tree)) is not None:
+        return init
     raise StageError(
         "cannot tell the stage's init system: neither systemd (/usr/lib/systemd/systemd) nor OpenRC "
         "(/sbin/openrc) is in the stage",
@@ -79,18 +65,23 @@ def find_kernel(tree: Tree) -> Kernel:
     return Kernel(image=image, initrd=initrd, version=version)
 
 
-def kernel_cmdline(arch: Arch) -> str:
-    # Catalyst's order: the last console= becomes /dev/console, so VGA gets systemd's
-    # status output and the serial line gets the kernel log and a getty.
+def kernel_cmdline(arch: Arch, variant: Variant) -> str:
+    """The last console= becomes /dev/console. The console image keeps Catalyst's order (the
+    VGA console gets the init's status output, the serial line the kernel log and a getty);
+    the cloud-init image puts the serial line last, as cloud images do, because the serial log
+    is what a cloud shows its users and cloud-init reports (its progress, the SSH host keys'
+    fingerprints) to /dev/console."""
+    if variant == Variant.cloudinit:
+        return f"console=tty0 console={arch.serial_console}"
     return f"console={arch.serial_console} console=tty0"
 
 
-def write_system_files(tree: Tree, arch: Arch, layout: ImageLayout) -> None:
+def write_system_files(tree: Tree, arch: Arch, variant: Variant, layout: ImageLayout) -> None:
     """fstab by label, GRUB defaults with serial console, empty machine-id, locale and time zone."""
     tree.write_text("/etc/fstab", render("fstab.j2", **dataclasses.asdict(layout)))
     terminal = "serial console" if arch == Arch.amd64 else "console"
     tree.append_text("/etc/default/grub", render("default-grub.j2", grub_terminal=terminal,
-                                                 cmdline=kernel_cmdline(arch)))
+                                                 cmdline=kernel_cmdline(arch, variant)))
     # Catalyst's choices: C.UTF-8, us keymap, UTC; keep whatever the stage already set.
     tree.write_if_missing("/etc/locale.conf", 'LANG="C.UTF-8"\n')
     tree.write_if_missing("/etc/vconsole.conf", "KEYMAP=us\n")
@@ -101,13 +92,6 @@ def write_system_files(tree: Tree, arch: Arch, layout: ImageLayout) -> None:
     if tree.is_file(make_conf) and "binpkg-request-signature" not in tree.read_text(make_conf):
         tree.append_text(make_conf, '\n# Ensure that binary package signatures are verified\n'
                                     'FEATURES="binpkg-request-signature"\n')
-
-
-def _units_present(tree: Tree, names: tuple[str, ...], *, vendor_only: bool = False) -> list[str]:
-    """The unit names of ``names`` that exist; ``vendor_only`` skips /etc (aliases such as
-    Debian's sshd.service -> ssh.service, which systemctl refuses to enable)."""
-    dirs = _UNIT_DIRS[1:] if vendor_only else _UNIT_DIRS
-    return [n for n in names if any(tree.lexists(f"{d}/{n}") for d in dirs)]
 
 
 def configure_console(tree: Tree, arch: Arch, init: InitSystem) -> None:
@@ -122,66 +106,92 @@ def configure_console(tree: Tree, arch: Arch, init: InitSystem) -> None:
             "'systemctl start systemd-networkd' brings the network up."))
         with chroot_mounts(tree):
             chroot_run(tree, ["systemctl", "enable", f"serial-getty@{arch.serial_console}.service"])
-            off = _units_present(tree, _NETWORK_SERVICES)
+            off = services.units_present(tree, services.NETWORK_UNITS)
             if off:
                 chroot_run(tree, ["systemctl", "disable", *off])
     else:
-        raise StageError(
-            "OpenRC stages are not supported yet for the console variant",
-            hint="use a systemd stage (profile .../systemd) for now",
-        )
+        enable_serial_getty(tree, arch)
+        # dhcpcd handles every interface by itself: 'rc-service dhcpcd start' is all it takes.
+        if not services.openrc_service_exists(tree, "dhcpcd"):
+            logger.warning("  the stage has no /etc/init.d/dhcpcd: the console image has no DHCP client")
+        with chroot_mounts(tree):
+            for level, names in sorted(services.runlevels(tree).items()):
+                for name in services.openrc_network_services(names):
+                    chroot_run(tree, ["rc-update", "--quiet", "del", name, level])
 
 
-# cloud-init's systemd units changed names across releases (cloud-init-main and
-# cloud-init-network since 24.3); enable whichever the installed cloud-init ships.
-_CLOUD_INIT_UNITS = (
-    "cloud-init-main.service",
-    "cloud-init-local.service",
-    "cloud-init-network.service",
-    "cloud-init.service",
-    "cloud-config.service",
-    "cloud-final.service",
-)
-_CLOUD_INIT_OPENRC = ("cloud-init-local", "cloud-init", "cloud-config", "cloud-final")
-_SSH_UNITS = ("sshd.service", "ssh.service")
-
-DEFAULT_CLOUD_USER = "gentoo"
+def enable_serial_getty(tree: Tree, arch: Arch) -> None:
+    """OpenRC: a login on the serial console through inittab (systemd starts one by itself on
+    the console= terminal); the console variant logs root in there, clouds show it to users."""
+    tree.write_text(services.INITTAB, services.with_serial_getty(tree.read_text(services.INITTAB),
+                                                                 arch.serial_console))
 
 
-def configure_cloudinit(tree: Tree, arch: Arch, init: InitSystem, image_name: str) -> None:
-    """cloud-init enabled with the repository's configuration, network and sshd on, all accounts locked."""
+def check_init_files(tree: Tree, init: InitSystem, variant: Variant) -> None:
+    """Before anything is written: what the variant needs from the init is in the stage."""
+    if init == InitSystem.openrc:
+        if not tree.is_file(services.INITTAB):
+            raise StageError("the OpenRC stage has no /etc/inittab (sysvinit's)",
+                             hint="use a Gentoo OpenRC stage3 (sys-apps/sysvinit installs it)")
+        if not tree.lexists("/sbin/agetty"):
+            raise StageError("the OpenRC stage has no /sbin/agetty for the serial login",
+                             hint="use a complete stage3 (sys-apps/util-linux installs it)")
+        if not tree.lexists("/sbin/rc-update") and not tree.lexists("/usr/sbin/rc-update"):
+            raise StageError("the OpenRC stage has no rc-update", hint="use a complete OpenRC stage3")
+    if variant != Variant.cloudinit:
+        return
     if not tree.lexists("/usr/bin/cloud-init"):
         raise StageError(
             "the stage has no cloud-init (/usr/bin/cloud-init is missing)",
             hint="use a diskimage seed with app-emulation/cloud-init installed "
             "(releng's diskimage-stage1-cloudinit.spec lists it)",
         )
+    if init == InitSystem.systemd:
+        if not services.units_present(tree, services.CLOUD_INIT_UNITS, vendor_only=True):
+            raise StageError(
+                "the stage's cloud-init ships none of the systemd units imagebuild knows "
+                f"({', '.join(services.CLOUD_INIT_UNITS)})",
+                hint="check the stage's cloud-init installation (USE=systemd?)",
+            )
+        if not services.units_present(tree, services.SSH_UNITS, vendor_only=True):
+            raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
+                             hint="use a seed with net-misc/openssh installed")
+        return
+    wanted = {**services.CLOUD_INIT_OPENRC, **services.CLOUD_OPENRC_SERVICES}
+    missing = [name for name in wanted if not services.openrc_service_exists(tree, name)]
+    if missing:
+        raise StageError(
+            f"the OpenRC stage lacks the services the cloud-init image runs: "
+            f"{', '.join(f'/etc/init.d/{n}' for n in missing)}",
+            hint="use a seed with app-emulation/cloud-init, net-misc/openssh and net-misc/dhcpcd "
+            "installed (releng's diskimage-stage1-cloudinit.spec lists them)",
+        )
+
+
+DEFAULT_CLOUD_USER = "gentoo"
+
+
+def configure_cloudinit(tree: Tree, arch: Arch, init: InitSystem, image_name: str) -> None:
+    """cloud-init enabled with the repository's configuration, network and sshd on, all accounts locked."""
+    check_init_files(tree, init, Variant.cloudinit)
     lock_all_accounts(tree)
     tree.unlink("/etc/cloud/cloud-init.disabled")
     tree.write_text("/etc/cloud/cloud.cfg.d/90-imagebuild.cfg", render(
         "cloud-init/90-imagebuild.cfg.j2", image_name=image_name, default_user=DEFAULT_CLOUD_USER,
         init=init.value,
     ))
-    if init != InitSystem.systemd:
-        raise StageError(
-            "OpenRC stages are not supported yet for the cloud-init variant",
-            hint="use a systemd stage (profile .../systemd) for now",
-        )
-    tree.write_text("/etc/systemd/network/80-imagebuild-dhcp.network", render(
-        "dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration."))
-    units = _units_present(tree, _CLOUD_INIT_UNITS, vendor_only=True)
-    if not units:
-        raise StageError(
-            "the stage's cloud-init ships none of the systemd units imagebuild knows "
-            f"({', '.join(_CLOUD_INIT_UNITS)})",
-            hint="check the stage's cloud-init installation (USE=systemd?)",
-        )
-    ssh = _units_present(tree, _SSH_UNITS, vendor_only=True)
-    if not ssh:
-        raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
-                         hint="use a seed with net-misc/openssh installed")
+    if init == InitSystem.systemd:
+        tree.write_text("/etc/systemd/network/80-imagebuild-dhcp.network", render(
+            "dhcp.network.j2", note="Used until cloud-init writes the datasource's network configuration."))
+        units = services.units_present(tree, services.CLOUD_INIT_UNITS, vendor_only=True)
+        ssh = services.units_present(tree, services.SSH_UNITS, vendor_only=True)
+        with chroot_mounts(tree):
+            chroot_run(tree, ["systemctl", "enable", "systemd-networkd.service", ssh[0], *units])
+        return
+    enable_serial_getty(tree, arch)
     with chroot_mounts(tree):
-        chroot_run(tree, ["systemctl", "enable", "systemd-networkd.service", ssh[0], *units])
+        for name, level in {**services.CLOUD_INIT_OPENRC, **services.CLOUD_OPENRC_SERVICES}.items():
+            chroot_run(tree, ["rc-update", "--quiet", "add", name, level])
 
 
 def _read_shadow(tree: Tree) -> str:

@@ -12,7 +12,8 @@ import stat
 import struct
 from pathlib import Path
 
-from imagebuild.config import Arch, Variant
+from imagebuild import services
+from imagebuild.config import Arch, InitSystem, Variant
 from imagebuild.disk import DPS_ROOT_TYPE
 from imagebuild.imagefs import DEFAULT_WORK_DIR, OpenedImage, open_image
 from imagebuild.tree import Tree
@@ -21,8 +22,6 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # PE/COFF machine field of an EFI executable, per architecture.
 _PE_MACHINE = {Arch.amd64: 0x8664, Arch.arm64: 0xAA64}
-_NETWORK_UNITS = ("ssh.service", "sshd.service", "ssh.socket", "sshd.socket", "systemd-networkd.service",
-                  "NetworkManager.service", "dhcpcd.service")
 _HISTORIES = (".bash_history", ".ash_history", ".sh_history", ".python_history", ".lesshst", ".viminfo")
 
 
@@ -145,26 +144,51 @@ def _shadow(tree: Tree) -> dict[str, str]:
     return {f[0]: f[1] for f in (line.split(":") for line in text.splitlines()) if len(f) > 1}
 
 
-def _enabled_units(tree: Tree) -> set[str]:
-    base = "/etc/systemd/system"
-    wants = [d for d in tree.glob(base, "*.wants") if tree.is_dir(d)]
-    return {p.rpartition("/")[2] for d in wants for p in tree.glob(d, "*") if tree.is_symlink(p)}
+def _network_services(tree: Tree, init: InitSystem) -> list[str]:
+    """The network services that start at boot, as ``name`` (systemd) or ``runlevel/name``."""
+    if init == InitSystem.systemd:
+        return sorted(services.enabled_units(tree) & set(services.NETWORK_UNITS))
+    levels = services.runlevels(tree)
+    return [f"{level}/{name}" for level in services.BOOT_RUNLEVELS
+            for name in services.openrc_network_services(levels.get(level, set()))]
 
 
-def _variant_checks(img: OpenedImage, variant: Variant) -> list[Check]:
+def _openrc_checks(tree: Tree, arch: Arch, variant: Variant) -> list[Check]:
+    text = tree.read_text(services.INITTAB) if tree.is_file(services.INITTAB) else ""
+    getty = services.inittab_gettys(text).get(arch.serial_console)
+    checks = [_check("openrc-serial-getty", getty is not None,
+                     f"inittab: {getty}", f"no getty on {arch.serial_console} in /etc/inittab")]
+    if variant == Variant.console:
+        return checks
+    levels = services.runlevels(tree)
+    wanted = {**services.CLOUD_INIT_OPENRC, **services.CLOUD_OPENRC_SERVICES}
+    missing = [f"{name} in {level}" for name, level in wanted.items() if name not in levels.get(level, set())]
+    return [*checks, _check("openrc-cloudinit-services", not missing,
+                   ", ".join(f"{n} ({lvl})" for n, lvl in wanted.items()),
+                   f"missing from their runlevels: {', '.join(missing)}")]
+
+
+def _variant_checks(img: OpenedImage, arch: Arch, variant: Variant) -> list[Check]:
     tree = Tree(img.root)
     shadow = _shadow(tree)
+    init = services.init_of(tree)
+    checks = [_check("init-system", init is not None, f"init: {init.value if init else ''}",
+                     "neither systemd nor OpenRC is in the image")]
     if variant == Variant.console:
-        network = sorted(_enabled_units(tree) & set(_NETWORK_UNITS))
-        return [
+        network = _network_services(tree, init) if init else []
+        checks += [
             _check("console-root-empty-password", shadow.get("root") == "", "root has an empty password",
                    "root's password is not empty (a hash or lock is set)" if "root" in shadow else "no root in /etc/shadow"),
             _check("console-no-network-service", not network, "no network service enabled",
                    f"enabled: {', '.join(network)}"),
         ]
-    unlocked = sorted(user for user, pw in shadow.items() if not pw.startswith(("!", "*")))
-    return [_check("cloudinit-accounts-locked", bool(shadow) and not unlocked, "every account is locked",
-                   f"accounts with a usable password: {', '.join(unlocked)}")]
+    else:
+        unlocked = sorted(user for user, pw in shadow.items() if not pw.startswith(("!", "*")))
+        checks.append(_check("cloudinit-accounts-locked", bool(shadow) and not unlocked, "every account is locked",
+                             f"accounts with a usable password: {', '.join(unlocked)}"))
+    if init == InitSystem.openrc:
+        checks += _openrc_checks(tree, arch, variant)
+    return checks
 
 
 def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: bool = False,
@@ -175,6 +199,6 @@ def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: boo
             _fstab_check(img),
             *_boot_checks(img, arch),
             *_hygiene_checks(img, keep_caches=keep_caches),
-            *_variant_checks(img, variant),
+            *_variant_checks(img, arch, variant),
         ]
     return Report(image=image.name, arch=arch.value, variant=variant.value, checks=checks)

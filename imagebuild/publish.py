@@ -36,7 +36,7 @@ from typing import Any
 
 import jinja2
 
-from imagebuild.config import Arch, Variant
+from imagebuild.config import Arch, ImageKind, InitSystem, Variant
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import logger
 from imagebuild.mounts import remove_tree
@@ -59,6 +59,7 @@ class ImageResult:
     arch: Arch
     variant: Variant
     image: str
+    init: InitSystem = InitSystem.systemd
     passed: bool = False
     reason: str = ""
     size: int | None = None
@@ -67,15 +68,21 @@ class ImageResult:
     files: list[str] = dataclasses.field(default_factory=list)
 
     @property
+    def kind(self) -> ImageKind:
+        return ImageKind(self.variant, self.init)
+
+    @property
     def pointer(self) -> str:
-        return pointer_name(self.arch, self.variant)
+        return pointer_name(self.arch, self.kind)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "arch": self.arch.value, "variant": self.variant.value}
+        return {**dataclasses.asdict(self), "arch": self.arch.value, "variant": self.variant.value,
+                "init": self.init.value}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageResult:
-        return cls(**{**data, "arch": Arch.parse(data["arch"]), "variant": Variant.parse(data["variant"])})
+        return cls(**{**data, "arch": Arch.parse(data["arch"]), "variant": Variant.parse(data["variant"]),
+                      "init": InitSystem(data.get("init", InitSystem.systemd.value))})
 
 
 def check_stamp(stamp: str) -> str:
@@ -99,8 +106,8 @@ def result_dir(result: ImageResult, stamp: str) -> PurePosixPath:
 # -- pointers --------------------------------------------------------------------------------
 
 
-def pointer_name(arch: Arch, variant: Variant) -> str:
-    return f"latest-di-{arch.value}-{variant.file_part}.txt"
+def pointer_name(arch: Arch, kind: ImageKind) -> str:
+    return f"latest-di-{arch.value}-{kind.file_part}.txt"
 
 
 def pointer_text(stamp: str, file: str, size: int, now: float) -> str:
@@ -358,12 +365,12 @@ def assemble(parts: Sequence[Path], out: Path, *, keep: int, sign: str | None = 
         raise ConfigError(f"the parts are of different releases ({', '.join(sorted(stamps))})",
                           hint="run every part with the same --stamp")
     [stamp] = stamps
-    seen: dict[tuple[Arch, Variant], Path] = {}
+    seen: dict[tuple[Arch, ImageKind], Path] = {}
     for part, _, results in loaded:
         for result in results:
-            if (result.arch, result.variant) in seen:
-                raise ConfigError(f"{result.image} is in both {seen[result.arch, result.variant]} and {part}")
-            seen[result.arch, result.variant] = part
+            if (result.arch, result.kind) in seen:
+                raise ConfigError(f"{result.image} is in both {seen[result.arch, result.kind]} and {part}")
+            seen[result.arch, result.kind] = part
             missing = [n for n in result.files if not (part / result_dir(result, stamp) / n).is_file()]
             if missing:
                 raise ConfigError(f"{part}: files of {result.image} are missing: {', '.join(missing)}")
@@ -427,7 +434,7 @@ def render_summary(stamp: str, results: Sequence[ImageResult], now: float) -> st
         links = [(label, str(base / (r.image + suffix))) for label, suffix in _LINKS if r.image + suffix in r.files]
         if r.image in r.files:
             links.insert(0, ("image", str(base / r.image)))
-        rows.append({"image": r.image, "arch": r.arch.value, "variant": r.variant.value,
+        rows.append({"image": r.image, "arch": r.arch.value, "variant": str(r.kind),
                      "size": human_size(r.size), "build": seconds(r.build_seconds),
                      "boot": seconds(r.boot_seconds), "passed": r.passed, "reason": r.reason, "links": links})
     pointers = sorted({str(PurePosixPath("releases", r.arch.value, "autobuilds", r.pointer))

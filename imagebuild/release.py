@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imagebuild.config import Arch, BuildConfig, Compression, Variant
+from imagebuild.config import STANDIN_SOURCES, Arch, BuildConfig, Compression, ImageKind, InitSystem
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.publish import (
@@ -55,9 +55,9 @@ class ReleaseConfig:
     path: Path
     output: Path
     architectures: tuple[Arch, ...]
-    variants: tuple[Variant, ...]
-    stages: dict[Arch, str]  # "mirror", "standin" or a tarball path
-    specs: dict[tuple[Arch, Variant], Path]
+    variants: tuple[ImageKind, ...]  # console, cloud-init, console-openrc, cloud-init-openrc
+    stages: dict[tuple[Arch, InitSystem], str]  # "mirror", "standin" or a tarball path
+    specs: dict[tuple[Arch, ImageKind], Path]
     keep: int = 4
     compression: Compression = Compression.zlib
     sign: str | None = None  # GnuPG key to sign images, DIGESTS and pointers with
@@ -119,7 +119,7 @@ def parse_release_config(data: dict[str, Any], path: Path) -> ReleaseConfig:
     if output is None:
         problems.append("'output' is missing (the root of the published tree)")
     arches: tuple[Arch, ...] = names("architectures", Arch.parse)
-    variants: tuple[Variant, ...] = names("variants", Variant.parse)
+    variants: tuple[ImageKind, ...] = names("variants", ImageKind.parse)
     keep = data.get("keep", 4)
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         problems.append(f"'keep' must be a whole number of releases, at least 1, not {keep!r}")
@@ -134,22 +134,28 @@ def parse_release_config(data: dict[str, Any], path: Path) -> ReleaseConfig:
         problems.append(f"'boot_timeout' must be a number of seconds, not {timeout!r}")
         timeout = None
 
-    stages: dict[Arch, str] = {arch: "mirror" for arch in arches}
+    # "amd64" gives the stage of every amd64 image; "amd64/openrc" that of the OpenRC ones alone
+    # (a stage tarball runs one init; "mirror" and "standin" find the right one by themselves).
+    given: dict[tuple[Arch, InitSystem | None], str] = {}
     for key, value in _table(data, "stages", problems).items():
+        arch_name, slash, init_name = key.partition("/")
         try:
-            arch = Arch.parse(key)
-        except ConfigError as exc:
-            problems.append(f"[stages] {key}: {exc}")
+            arch = Arch.parse(arch_name)
+            init = InitSystem(init_name) if slash else None
+        except (ConfigError, ValueError) as exc:
+            problems.append(f"[stages] '{key}' is not ARCH or ARCH/INIT (INIT: systemd or openrc): {exc}")
             continue
         if not isinstance(value, str) or not value:
             problems.append(f"[stages] {key} must be 'mirror', 'standin' or a tarball path, not {value!r}")
         else:
-            stages[arch] = value if value in ("mirror", "standin") else str(local(value))
-    specs: dict[tuple[Arch, Variant], Path] = {}
+            given[arch, init] = value if value in ("mirror", *STANDIN_SOURCES) else str(local(value))
+    stages = {(arch, init): given.get((arch, init)) or given.get((arch, None)) or "mirror"
+              for arch in arches for init in InitSystem}
+    specs: dict[tuple[Arch, ImageKind], Path] = {}
     for key, value in _table(data, "specs", problems).items():
         arch_name, _, variant_name = key.partition("/")
         try:
-            image = (Arch.parse(arch_name), Variant.parse(variant_name))
+            image = (Arch.parse(arch_name), ImageKind.parse(variant_name))
         except ConfigError as exc:
             problems.append(f"[specs] '{key}' is not ARCH/VARIANT: {exc}")
             continue
@@ -182,7 +188,7 @@ def _table(data: dict[str, Any], key: str, problems: list[str]) -> dict[str, Any
 
 
 def select(config: ReleaseConfig, arches: Collection[Arch] | None,
-           variants: Collection[Variant] | None) -> list[tuple[Arch, Variant]]:
+           variants: Collection[ImageKind] | None) -> list[tuple[Arch, ImageKind]]:
     """The images to make: the config's arch × variant, narrowed by --arch/--variant."""
     for asked, allowed, what in ((arches, config.architectures, "architecture"),
                                  (variants, config.variants, "variant")):
@@ -195,7 +201,7 @@ def select(config: ReleaseConfig, arches: Collection[Arch] | None,
 
 
 def run_release(config_path: Path, *, output: Path | None = None, stamp: str | None = None,
-                arches: Collection[Arch] | None = None, variants: Collection[Variant] | None = None,
+                arches: Collection[Arch] | None = None, variants: Collection[ImageKind] | None = None,
                 sign: str | None = None) -> int:
     """Build, test and publish a release; 0 if every image passed, 1 if any failed."""
     from imagebuild.settings import Overrides, make_stamp, resolve
@@ -206,11 +212,11 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
     sign = sign or release.sign
     images = select(release, arches, variants)
     staging = out / f".staging-{stamp}"
-    configs = [resolve(arch, variant, Overrides(
-        spec=release.specs.get((arch, variant)), stage=release.stages[arch], mirror=release.mirror,
-        keyring=release.keyring, output_dir=staging / "build" / arch.value,
+    configs = [resolve(arch, kind.variant, Overrides(
+        spec=release.specs.get((arch, kind)), stage=release.stages[arch, kind.init], init=kind.init,
+        mirror=release.mirror, keyring=release.keyring, output_dir=staging / "build" / arch.value,
         compression=release.compression.value, smoke_test=True, boot_timeout=release.boot_timeout,
-        stamp=stamp, work_dir=release.work_dir, cache_dir=release.cache_dir)) for arch, variant in images]
+        stamp=stamp, work_dir=release.work_dir, cache_dir=release.cache_dir)) for arch, kind in images]
     if sign:
         check_signing_key(sign)
 
@@ -219,8 +225,9 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
         logger.info("Release %s: %s into %s", stamp, ", ".join(c.image_name for c in configs), out)
         refuse_existing(out, stamp, {c.arch for c in configs})
         with staging_area(out, stamp) as staging:
-            for arch in dict.fromkeys(c.arch for c in configs):
-                results += build_arch([c for c in configs if c.arch == arch])
+            # One unpacked stage for the images that share it (an arch's systemd or OpenRC ones).
+            for arch, stage in dict.fromkeys((c.arch, c.stage) for c in configs):
+                results += build_arch([c for c in configs if (c.arch, c.stage) == (arch, stage)])
             for result in results:
                 gather(result, staging / "build" / result.arch.value, staging, stamp, move=True)
             publish(out, staging, stamp, results, keep=release.keep, sign=sign)
@@ -252,7 +259,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
     from imagebuild.inspect import inspect_image
     from imagebuild.smoketest import smoke_test
 
-    result = ImageResult(arch=config.arch, variant=config.variant, image=config.image_name)
+    result = ImageResult(arch=config.arch, variant=config.variant, init=config.kind.init, image=config.image_name)
     image = config.image_path
     with _build_log(image.with_name(image.name + ".build.log")):
         try:
@@ -286,7 +293,7 @@ def _stage_failed(config: BuildConfig, exc: BaseException) -> ImageResult:
     log = config.image_path.with_name(config.image_name + ".build.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"the {config.arch} stage ({config.stage}) could not be prepared:\n{exc}\n")
-    return ImageResult(arch=config.arch, variant=config.variant, image=config.image_name,
+    return ImageResult(arch=config.arch, variant=config.variant, init=config.kind.init, image=config.image_name,
                        reason=f"stage: {_first_line(exc)}", files=[log.name])
 
 
@@ -361,6 +368,6 @@ def cmd_release(args: argparse.Namespace) -> int:
     return run_release(
         config_path, output=args.output, stamp=args.stamp,
         arches=[Arch.parse(a) for a in args.arch] if args.arch else None,
-        variants=[Variant.parse(v) for v in args.variant] if args.variant else None,
+        variants=[ImageKind.parse(v) for v in args.variant] if args.variant else None,
         sign=args.sign,
     )

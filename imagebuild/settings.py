@@ -11,7 +11,17 @@ import os
 import time
 from pathlib import Path
 
-from imagebuild.config import Arch, BuildConfig, Compression, ImageLayout, Variant, parse_size
+from imagebuild.config import (
+    STANDIN_SOURCES,
+    Arch,
+    BuildConfig,
+    Compression,
+    ImageKind,
+    ImageLayout,
+    InitSystem,
+    Variant,
+    parse_size,
+)
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, fingerprint_problem, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
@@ -40,17 +50,33 @@ class Overrides:
     work_dir: Path | None = None
     cache_dir: Path | None = None
     placeholders: tuple[tuple[str, str], ...] = ()
+    init: InitSystem | None = None
 
 
-def default_spec(arch: Arch, variant: Variant) -> Path:
-    """The shipped spec for arch × variant."""
-    candidate = shipped_dir("specs") / arch.value / f"{variant.value}.spec"
+def default_spec(arch: Arch, variant: Variant, init: InitSystem = InitSystem.systemd) -> Path:
+    """The shipped spec for arch × variant (× init: the OpenRC ones are VARIANT-openrc.spec)."""
+    name = variant.value if init == InitSystem.systemd else f"{variant.value}-{init.value}"
+    candidate = shipped_dir("specs") / arch.value / f"{name}.spec"
     if candidate.is_file():
         return candidate
     raise ConfigError(
-        f"no shipped spec for {arch.value} {variant.value}",
+        f"no shipped spec for {arch.value} {variant.value} on {init.value}",
         hint="pass one with --spec FILE",
     )
+
+
+def _expected_init(spec: Spec, opts: Overrides, stage: str) -> tuple[InitSystem | None, str]:
+    """The init the stage must run, and who says so: --init, the stand-in named, the spec's profile."""
+    if opts.init is not None:
+        return opts.init, f"--init {opts.init.value}"
+    if stage in STANDIN_SOURCES and stage != "standin":  # plain "standin" is the stand-in of the spec's init
+        return STANDIN_SOURCES[stage], f"--stage {stage}"
+    profile = spec.get("profile")
+    if profile:
+        # Gentoo's systemd profiles end in /systemd (default/linux/amd64/23.0/systemd); the others are OpenRC.
+        init = InitSystem.systemd if "systemd" in profile.split("/") else InitSystem.openrc
+        return init, f"{spec.where('profile')} ({profile})"
+    return None, ""
 
 
 def make_stamp() -> str:
@@ -71,7 +97,8 @@ def _yes_no(value: str | None, where: str) -> bool | None:
 
 def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     stamp = opts.stamp or make_stamp()
-    spec_path = opts.spec or default_spec(arch, variant)
+    init_hint = opts.init or STANDIN_SOURCES.get(opts.stage or "")
+    spec_path = opts.spec or default_spec(arch, variant, init_hint or InitSystem.systemd)
     placeholders = {"TIMESTAMP": stamp, **dict(opts.placeholders)}
     spec = load_spec(spec_path, placeholders=placeholders,
                      variables={"arch": arch.value, "variant": variant.value, "stamp": stamp})
@@ -97,9 +124,16 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     smoke = opts.smoke_test if opts.smoke_test is not None else _yes_no(
         spec.get("imagebuild/smoke_test"), spec.where("imagebuild/smoke_test"))
     timeout = pick(opts.boot_timeout, "imagebuild/boot_timeout")
-    image_name = _image_name(spec, arch, variant, stamp)
     # --mirror alone means "take the stage from that mirror".
     stage = opts.stage or ("mirror" if opts.mirror else None) or spec.get("imagebuild/stage") or "mirror"
+    init, init_source = _expected_init(spec, opts, stage)
+    image_name = _image_name(spec, arch, ImageKind(variant, init or InitSystem.systemd), stamp)
+    if opts.init is not None and stage in STANDIN_SOURCES and stage != "standin" and STANDIN_SOURCES[stage] != opts.init:
+        raise ConfigError(f"--stage {stage} is the {STANDIN_SOURCES[stage].value} stand-in, but --init "
+                          f"{opts.init.value} was asked for",
+                          hint=f"use --stage standin-{opts.init.value}, or leave out --init")
+    if stage == "standin" and init == InitSystem.openrc:
+        stage = "standin-openrc"  # the stand-in of the init the spec or --init asks for
     keyring = opts.keyring or (Path(spec.get("imagebuild/keyring")) if spec.get("imagebuild/keyring") else None)
     return BuildConfig(
         arch=arch,
@@ -121,6 +155,8 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         spec=spec,
         work_dir=(opts.work_dir or BuildConfig.work_dir).resolve(),
         cache_dir=(opts.cache_dir or BuildConfig.cache_dir).resolve(),
+        init=init,
+        init_source=init_source,
     )
 
 
@@ -168,7 +204,7 @@ def _check_matches(spec: Spec, arch: Arch, variant: Variant) -> None:
         )
 
 
-def _image_name(spec: Spec, arch: Arch, variant: Variant, stamp: str) -> str:
+def _image_name(spec: Spec, arch: Arch, kind: ImageKind, stamp: str) -> str:
     name = spec.get("diskimage/qcow2")
     if name and name.lower() not in ("yes", "true") and name.endswith(".qcow2"):
         if "/" in name or "@" in name:
@@ -178,4 +214,4 @@ def _image_name(spec: Spec, arch: Arch, variant: Variant, stamp: str) -> str:
                 hint="write a file name such as di-amd64-console-@TIMESTAMP@.qcow2",
             )
         return name
-    return f"di-{arch.value}-{variant.file_part}-{stamp}.qcow2"
+    return f"di-{arch.value}-{kind.file_part}-{stamp}.qcow2"

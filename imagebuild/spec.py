@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import jinja2
 
-from imagebuild.config import Arch, Compression, parse_size
+from imagebuild.config import STANDIN_SOURCES, Arch, Compression, parse_size
 from imagebuild.errors import ConfigError, SpecError
 from imagebuild.gpg import fingerprint_problem
 
@@ -370,9 +370,9 @@ def _size(value: str) -> str | None:
 
 
 def _stage(value: str) -> str | None:
-    if value in ("standin", "mirror") or value.endswith(STAGE_SUFFIXES):
+    if value in ("mirror", *STANDIN_SOURCES) or value.endswith(STAGE_SUFFIXES):
         return None
-    return f"must be mirror, standin or a stage tarball ({', '.join(STAGE_SUFFIXES)})"
+    return f"must be mirror, standin, standin-openrc or a stage tarball ({', '.join(STAGE_SUFFIXES)})"
 
 
 def _seconds(value: str) -> str | None:

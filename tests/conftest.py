@@ -111,12 +111,13 @@ def cache_dir() -> Path:
     return CACHE_DIR
 
 
-def _standin(arch: Arch) -> Path:
+def _standin(arch: Arch, init: str = "systemd") -> Path:
     require_root()
     require_tools("mmdebstrap")
+    from imagebuild.config import InitSystem
     from imagebuild.standin import ensure_standin
 
-    return ensure_standin(arch, CACHE_DIR)
+    return ensure_standin(arch, CACHE_DIR, InitSystem(init))
 
 
 @pytest.fixture(scope="session")
@@ -129,24 +130,26 @@ STAMP = "20261124T000000Z"
 
 
 @pytest.fixture(scope="session")
-def build_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
-    """Build arch × variant from the stand-in stage through the CLI (no smoke test), once per session."""
-    built: dict[tuple[str, str], Path] = {}
+def build_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build arch × variant (× init) from the stand-in stage through the CLI (no smoke test),
+    once per session."""
+    built: dict[tuple[str, str, str], Path] = {}
 
-    def build(arch: str, variant: str) -> Path:
-        if (arch, variant) not in built:
-            stage = _standin(Arch(arch))
+    def build(arch: str, variant: str, init: str = "systemd") -> Path:
+        if (arch, variant, init) not in built:
+            stage = _standin(Arch(arch), init)
             require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk")
-            out = tmp_path_factory.mktemp(f"{variant}-{arch}")
+            out = tmp_path_factory.mktemp(f"{variant}-{arch}-{init}")
             from imagebuild.cli import main
 
-            code = main(["build", arch, variant, "--stage", str(stage), "--no-test", "-o", str(out),
-                         "--stamp", STAMP])
-            assert code == 0, f"building the {arch} {variant} image failed"
-            image = out / f"di-{arch}-{variant.replace('-', '')}-{STAMP}.qcow2"
+            code = main(["build", arch, variant, "--stage", str(stage), "--init", init, "--no-test",
+                         "-o", str(out), "--stamp", STAMP])
+            assert code == 0, f"building the {arch} {variant} {init} image failed"
+            suffix = "" if init == "systemd" else f"-{init}"
+            image = out / f"di-{arch}-{variant.replace('-', '')}{suffix}-{STAMP}.qcow2"
             assert image.is_file()
-            built[arch, variant] = image
-        return built[arch, variant]
+            built[arch, variant, init] = image
+        return built[arch, variant, init]
 
     return build
 
@@ -159,6 +162,16 @@ def console_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def cloudinit_image_amd64(build_images: Callable[[str, str], Path]) -> Path:
     return build_images("amd64", "cloud-init")
+
+
+@pytest.fixture(scope="session")
+def console_openrc_image_amd64(build_images: Callable[..., Path]) -> Path:
+    return build_images("amd64", "console", "openrc")
+
+
+@pytest.fixture(scope="session")
+def cloudinit_openrc_image_amd64(build_images: Callable[..., Path]) -> Path:
+    return build_images("amd64", "cloud-init", "openrc")
 
 
 @pytest.fixture(scope="session")

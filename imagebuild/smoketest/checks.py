@@ -7,6 +7,7 @@ a check is a function of the ``GuestSession`` that returns (passed, detail).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 from imagebuild.config import Arch, Variant
@@ -119,14 +120,38 @@ def check_no_failed_units(session: GuestSession) -> tuple[bool, str]:
             return False, f"system state after {limit:.0f}s: {state or '(no answer)'}"
         return True, "systemd: system running, no failed units"
     if init == "openrc":
-        crashed = session.run("rc-status --crashed")
-        names = [line.strip() for line in crashed.output.splitlines() if line.strip()]
-        if crashed.status < 0:
-            return False, _command_failed(crashed, "rc-status --crashed")
-        if names:
-            return False, f"OpenRC: crashed services: {', '.join(names)}"
-        return True, "OpenRC: no crashed services"
+        status = session.run("rc-status --all --nocolor")
+        if status.status != 0:
+            return False, _command_failed(status, "rc-status --all")
+        states = openrc_service_states(status.output)
+        if not states:
+            return False, f"rc-status --all listed no services: {status.output[-300:] or '(no output)'}"
+        bad = [f"{name} ({state})" for name, state in states.items() if state in OPENRC_BAD_STATES]
+        if bad:
+            return False, f"OpenRC: {', '.join(bad)}"
+        started = sum(state == "started" for state in states.values())
+        return True, f"OpenRC: {started} services started, none crashed or failed"
     return False, "cannot tell the init system (neither systemd nor OpenRC is running)"
+
+
+# rc-status prints a service's state in brackets; these mean it did not do its job.
+OPENRC_BAD_STATES = ("crashed", "failed")
+
+
+def openrc_service_states(text: str) -> dict[str, str]:
+    """``rc-status --all`` output as {service: state}: lines ``name  [  state  ]`` under the
+    ``Runlevel: x`` and ``Dynamic Runlevel: y`` headers (a service in several runlevels once,
+    its worst state kept)."""
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        # The state is the first word in the brackets ("started 00:01:02 (0)" when supervised).
+        match = re.fullmatch(r"\s*(\S+)\s+\[\s*([a-z]+)[^\]]*\]\s*", line)
+        if not match:
+            continue
+        name, state = match.groups()
+        if states.get(name) not in OPENRC_BAD_STATES:
+            states[name] = state
+    return states
 
 
 def check_nothing_listening(session: GuestSession) -> tuple[bool, str]:
@@ -219,7 +244,38 @@ def check_root_grown(session: GuestSession) -> tuple[bool, str]:
                    f"(the image's nominal size is {nominal / 2**30:.0f} GiB)")
 
 
+def check_cloud_init_on_console(session: GuestSession) -> tuple[bool, str]:
+    """cloud-init reports to /dev/console, which must be the serial line clouds show users."""
+    seen = session.console.seen()
+    wanted = {"its network table": "ci-info: ", "its final message": "Cloud-init v. ",
+              "the SSH host keys": "-----BEGIN SSH HOST KEY KEYS-----"}
+    missing = [what for what, text in wanted.items() if text not in seen]
+    if missing:
+        return False, f"the serial console does not show cloud-init's {', '.join(missing)} (is /dev/console the serial port?)"
+    return True, "the serial console shows cloud-init's network table, final message and SSH host keys"
+
+
+def check_hostname_resolves(session: GuestSession) -> tuple[bool, str]:
+    result = session.run('getent hosts "$(hostname)"')
+    line = _last_line(result)
+    if result.status != 0 or not line:
+        return False, f"the hostname does not resolve (getent hosts exit {result.status})"
+    return True, f"the hostname resolves: {' '.join(line.split())}"
+
+
+def check_sshd_listening(session: GuestSession) -> tuple[bool, str]:
+    result = session.run(
+        "if command -v ss >/dev/null 2>&1; then ss -Htln; else awk 'FNR > 1 && $4 == \"0A\"'"
+        " /proc/net/tcp /proc/net/tcp6 2>/dev/null; fi")
+    ports = [line.split()[3] if len(line.split()) > 3 else line for line in result.output.splitlines()]
+    listening = any(p.endswith(":22") or p.endswith(":0016") for p in ports)
+    return listening, "sshd listens on port 22" if listening else "nothing listens on port 22 (sshd not running)"
+
+
 CLOUD_INIT_DONE = Check("cloud-init-done", check_cloud_init_done)
+CLOUD_INIT_ON_CONSOLE = Check("cloud-init-on-serial-console", check_cloud_init_on_console)
+HOSTNAME_RESOLVES = Check("hostname-resolves", check_hostname_resolves)
+SSHD_LISTENING = Check("sshd-listening", check_sshd_listening)
 HOSTNAME = Check("hostname-from-seed", check_hostname)
 SEEDED_LOGIN = Check("seeded-login", check_seeded_login)
 ROOT_LOGIN_REFUSED = Check("root-empty-password-refused", check_root_login_refused)
@@ -232,4 +288,5 @@ def checks_for(variant: Variant) -> list[Check]:
     if variant is Variant.console:
         return [*COMMON_CHECKS, NOTHING_LISTENING, ROOT_LOGIN_EMPTY_PASSWORD]
     # cloud-init first: the other checks need what it configures (the root grown, keys made).
-    return [CLOUD_INIT_DONE, *COMMON_CHECKS, HOSTNAME, SEEDED_LOGIN, ROOT_LOGIN_REFUSED, HOST_KEYS, ROOT_GROWN]
+    return [CLOUD_INIT_DONE, *COMMON_CHECKS, HOSTNAME, HOSTNAME_RESOLVES, SEEDED_LOGIN, ROOT_LOGIN_REFUSED,
+            HOST_KEYS, SSHD_LISTENING, CLOUD_INIT_ON_CONSOLE, ROOT_GROWN]

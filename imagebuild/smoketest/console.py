@@ -77,6 +77,8 @@ FAILURES: tuple[Pattern, ...] = (
     Pattern(r"Warning: /dev/\S+ does not exist", _ALL, "initramfs: {0}"),
     Pattern(r"ALERT! [^\r\n]*does not exist", _ALL, "initramfs: {0}"),
     Pattern(r"ERROR: [^\r\n]* failed to start[^\r\n]*(?=\r?\n)", _ALL, "OpenRC: {0}"),
+    Pattern(r"rc: Aborting![^\r\n]*", _ALL, "OpenRC gave up on the runlevel: {0}"),
+    Pattern(r"ERROR: [^\r\n]*(?:has crashed|failed to stop)[^\r\n]*(?=\r?\n)", _ALL, "OpenRC: {0}"),
 )  # fmt: skip
 
 # Firmware lines worth quoting when the boot later fails.
@@ -103,6 +105,8 @@ class Console:
         self.phase_seconds: dict[str, float] = {}
         self._phase_start = started
         self._tail = ""
+        self._seen: list[str] = []  # everything the console printed, bounded (see seen())
+        self._seen_size = 0
         self._notes: list[str] = []
         self._counter = itertools.count(1)
 
@@ -189,9 +193,19 @@ class Console:
         kind, _, value = candidates[index]
         return kind, _clean(self.spawn.after), value
 
+    # Enough for a TCG boot's whole console (kernel log, init, cloud-init) many times over.
+    _SEEN_LIMIT = 16 * 1024 * 1024
+
     def _remember(self, text: object) -> None:
         if isinstance(text, str):
             self._tail = (self._tail + text)[-8192:]
+            if self._seen_size < self._SEEN_LIMIT:
+                self._seen.append(text)
+                self._seen_size += len(text)
+
+    def seen(self) -> str:
+        """What the console printed so far (its first 16 MiB), without terminal escapes."""
+        return _clean("".join(self._seen))
 
     def last_line(self) -> str:
         """The last non-empty console line seen, without terminal escapes."""

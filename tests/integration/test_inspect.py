@@ -50,7 +50,8 @@ def doctored(image: Path, tmp_path: Path, change: Callable[[Path], None]) -> Pat
     return copy
 
 
-@pytest.mark.parametrize("fixture", ["console_image_amd64", "cloudinit_image_amd64"])
+@pytest.mark.parametrize("fixture", ["console_image_amd64", "cloudinit_image_amd64", "console_openrc_image_amd64",
+                                     "cloudinit_openrc_image_amd64"])
 def test_built_images_pass(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     image: Path = request.getfixturevalue(fixture)
     before = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -83,6 +84,38 @@ def test_root_password_hash_in_console_image_fails(console_image_amd64: Path, tm
     result = inspect(doctored(console_image_amd64, tmp_path, set_password))
     assert result.returncode == 1
     assert "FAIL  console-root-empty-password" in result.stdout
+
+
+def test_openrc_console_image_with_sshd_in_default_fails(console_openrc_image_amd64: Path, tmp_path: Path) -> None:
+    def add_sshd(root: Path) -> None:
+        (root / "etc/runlevels/default/sshd").symlink_to("/etc/init.d/sshd")
+
+    result = inspect(doctored(console_openrc_image_amd64, tmp_path, add_sshd))
+    assert result.returncode == 1
+    assert "FAIL  console-no-network-service" in result.stdout and "default/sshd" in result.stdout
+    assert "1 check(s) FAILED" in result.stdout
+
+
+def test_openrc_cloudinit_image_without_cloud_init_local_fails(cloudinit_openrc_image_amd64: Path,
+                                                                tmp_path: Path) -> None:
+    def drop_local(root: Path) -> None:
+        (root / "etc/runlevels/boot/cloud-init-local").unlink()
+
+    result = inspect(doctored(cloudinit_openrc_image_amd64, tmp_path, drop_local))
+    assert result.returncode == 1
+    assert "FAIL  openrc-cloudinit-services" in result.stdout and "cloud-init-local in boot" in result.stdout
+    assert "1 check(s) FAILED" in result.stdout
+
+
+def test_openrc_console_image_without_serial_getty_fails(console_openrc_image_amd64: Path, tmp_path: Path) -> None:
+    def comment_out(root: Path) -> None:
+        inittab = root / "etc/inittab"
+        inittab.write_text("".join(f"#{line}" if line.startswith("s0:") else line
+                                   for line in inittab.read_text().splitlines(keepends=True)))
+
+    result = inspect(doctored(console_openrc_image_amd64, tmp_path, comment_out))
+    assert result.returncode == 1
+    assert "FAIL  openrc-serial-getty" in result.stdout and "no getty on ttyS0" in result.stdout
 
 
 def test_not_a_qcow2(tmp_path: Path) -> None:

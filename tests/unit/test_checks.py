@@ -25,3 +25,27 @@ def test_an_interruption_during_a_check_ends_the_run() -> None:
 
     with pytest.raises(Interrupted):
         Check("interrupted", interrupted).run(None)  # type: ignore[arg-type]
+
+
+RC_STATUS = """\
+Runlevel: default
+ dhcpcd                                        [  started  ]
+ sshd                                          [  started 00:01:02 (0)  ]
+ cloud-final                                   [  failed  ]
+Dynamic Runlevel: hotplugged
+Dynamic Runlevel: needed/wanted
+ sysfs                                         [  started  ]
+Dynamic Runlevel: manual
+ netmount                                      [  crashed  ]
+Runlevel: boot
+ dhcpcd                                        [  started  ]
+"""
+
+
+def test_openrc_service_states_from_rc_status() -> None:
+    from imagebuild.smoketest.checks import openrc_service_states
+
+    states = openrc_service_states(RC_STATUS)
+    assert states == {"dhcpcd": "started", "sshd": "started", "cloud-final": "failed", "sysfs": "started",
+                      "netmount": "crashed"}
+    assert openrc_service_states("Runlevel: default\nDynamic Runlevel: manual\n") == {}

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import missing
-from imagebuild.config import Arch, Compression, Variant
+from imagebuild.config import Arch, Compression, ImageKind, InitSystem, Variant
+
+CONSOLE, CLOUD = ImageKind(Variant.console), ImageKind(Variant.cloudinit)
+CONSOLE_OPENRC, CLOUD_OPENRC = ImageKind(Variant.console, InitSystem.openrc), ImageKind(Variant.cloudinit, InitSystem.openrc)
 from imagebuild.errors import ConfigError
 from imagebuild.publish import (
     ImageResult,
@@ -59,8 +62,8 @@ def test_minimal_config_takes_gentoo_defaults(tmp_path: Path) -> None:
     config = load_release_config(write_config(tmp_path, MINIMAL))
     assert config.output == tmp_path / "public", "relative paths are relative to the file"
     assert config.architectures == (Arch.amd64, Arch.arm64)
-    assert config.variants == (Variant.console, Variant.cloudinit)
-    assert config.stages == {Arch.amd64: "mirror", Arch.arm64: "mirror"}
+    assert config.variants == (CONSOLE, CLOUD)
+    assert config.stages == {(arch, init): "mirror" for arch in Arch for init in InitSystem}
     assert config.keep == 4 and config.compression is Compression.zlib and config.sign is None
 
 
@@ -68,7 +71,7 @@ def test_full_config(tmp_path: Path) -> None:
     config = load_release_config(write_config(tmp_path, """
         output = "/srv/imagebuild"
         architectures = ["arm64"]
-        variants = ["cloudinit"]
+        variants = ["cloudinit", "console-openrc", "cloudinit-openrc"]
         keep = 2
         compression = "zstd"
         sign = "0x1234ABCD"
@@ -79,22 +82,27 @@ def test_full_config(tmp_path: Path) -> None:
         boot_timeout = 900
         [stages]
         arm64 = "stages/seed.tar.xz"
+        "arm64/openrc" = "stages/seed-openrc.tar.xz"
         amd64 = "standin"
         [specs]
         "arm64/cloud-init" = "specs/cloud.spec"
+        "amd64/console-openrc" = "specs/console-openrc.spec"
     """))
-    assert config.variants == (Variant.cloudinit,), "Catalyst's spelling cloudinit is accepted"
+    assert config.variants == (CLOUD, CONSOLE_OPENRC, CLOUD_OPENRC), "Catalyst's spelling cloudinit is accepted"
     assert config.keep == 2 and config.compression is Compression.zstd and config.sign == "0x1234ABCD"
     assert config.work_dir == tmp_path / "work" and config.keyring == tmp_path / "keys/gentoo.gpg"
-    assert config.stages == {Arch.arm64: str(tmp_path / "stages/seed.tar.xz"), Arch.amd64: "standin"}
-    assert config.specs == {(Arch.arm64, Variant.cloudinit): tmp_path / "specs/cloud.spec"}
+    assert config.stages == {(Arch.arm64, InitSystem.systemd): str(tmp_path / "stages/seed.tar.xz"),
+                             (Arch.arm64, InitSystem.openrc): str(tmp_path / "stages/seed-openrc.tar.xz")}, \
+        "stages only for the architectures the release builds"
+    assert config.specs == {(Arch.arm64, CLOUD): tmp_path / "specs/cloud.spec",
+                            (Arch.amd64, CONSOLE_OPENRC): tmp_path / "specs/console-openrc.spec"}
     assert config.boot_timeout == 900.0
 
 
 def test_shipped_config_is_valid() -> None:
     config = load_release_config(REPO / "ci/release.toml")
     assert set(config.architectures) == {Arch.amd64, Arch.arm64}
-    assert set(config.variants) == {Variant.console, Variant.cloudinit}
+    assert set(config.variants) == {CONSOLE, CLOUD}
     assert set(config.stages.values()) == {"mirror"}, "the weekly release builds from Gentoo's mirror"
     assert config.output.is_absolute()
 
@@ -136,14 +144,17 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         colour = "blue"
         [stages]
         sparc = "mirror"
+        "amd64/upstart" = "mirror"
         [specs]
         amd64 = "x.spec"
+        "amd64/console-runit" = "x.spec"
     """)
     for part in ("unknown key 'colour'", "'output' is missing", "'architectures' must be a non-empty list",
                  "unknown image variant 'desktop'", "'compression' must be zlib or zstd",
-                 "[stages] sparc: unknown architecture", "[specs] 'amd64' is not ARCH/VARIANT"):
+                 "[stages] 'sparc' is not ARCH or ARCH/INIT", "[stages] 'amd64/upstart' is not ARCH or ARCH/INIT",
+                 "[specs] 'amd64' is not ARCH/VARIANT", "[specs] 'amd64/console-runit' is not ARCH/VARIANT"):
         assert part in message
-    assert "7 problem(s)" in message
+    assert "9 problem(s)" in message
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
@@ -157,10 +168,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_select_narrows_to_arch_and_variant(tmp_path: Path) -> None:
     config = load_release_config(write_config(tmp_path, MINIMAL))
-    assert select(config, None, None) == [(Arch.amd64, Variant.console), (Arch.amd64, Variant.cloudinit),
-                                          (Arch.arm64, Variant.console), (Arch.arm64, Variant.cloudinit)]
-    assert select(config, [Arch.arm64], None) == [(Arch.arm64, Variant.console), (Arch.arm64, Variant.cloudinit)]
-    assert select(config, None, [Variant.cloudinit]) == [(Arch.amd64, Variant.cloudinit), (Arch.arm64, Variant.cloudinit)]
+    assert select(config, None, None) == [(Arch.amd64, CONSOLE), (Arch.amd64, CLOUD),
+                                          (Arch.arm64, CONSOLE), (Arch.arm64, CLOUD)]
+    assert select(config, [Arch.arm64], None) == [(Arch.arm64, CONSOLE), (Arch.arm64, CLOUD)]
+    assert select(config, None, [CLOUD]) == [(Arch.amd64, CLOUD), (Arch.arm64, CLOUD)]
+    with pytest.raises(ConfigError, match="has no variant console-openrc"):
+        select(config, None, [CONSOLE_OPENRC])
     narrow = parse_release_config({"output": "x", "architectures": ["amd64"], "variants": ["console"]},
                                   tmp_path / "r.toml")
     with pytest.raises(ConfigError, match="has no architecture arm64"):
@@ -177,7 +190,24 @@ def test_pointer_is_gentoos_format() -> None:
         "# ts=1795478400\n"
         "20261124T000000Z/di-amd64-console-20261124T000000Z.qcow2 354418688\n"
     )
-    assert pointer_name(Arch.arm64, Variant.cloudinit) == "latest-di-arm64-cloudinit.txt"
+    assert pointer_name(Arch.arm64, CLOUD) == "latest-di-arm64-cloudinit.txt"
+    assert pointer_name(Arch.amd64, CONSOLE_OPENRC) == "latest-di-amd64-console-openrc.txt"
+    assert pointer_name(Arch.amd64, CLOUD_OPENRC) == "latest-di-amd64-cloudinit-openrc.txt"
+
+
+@pytest.mark.parametrize(("text", "kind", "name"), [
+    ("console", CONSOLE, "console"), ("cloud-init", CLOUD, "cloud-init"), ("cloudinit", CLOUD, "cloud-init"),
+    ("console-systemd", CONSOLE, "console"), ("console-openrc", CONSOLE_OPENRC, "console-openrc"),
+    ("cloud-init-openrc", CLOUD_OPENRC, "cloud-init-openrc"), ("cloudinit-openrc", CLOUD_OPENRC, "cloud-init-openrc"),
+])
+def test_image_kinds(text: str, kind: ImageKind, name: str) -> None:
+    assert ImageKind.parse(text) == kind and str(kind) == name
+
+
+@pytest.mark.parametrize("text", ["desktop", "console-runit", "openrc", "-openrc", "console-"])
+def test_unknown_image_kinds(text: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown image variant"):
+        ImageKind.parse(text)
 
 
 def test_read_pointer_reads_plain_and_clearsigned(tmp_path: Path) -> None:

@@ -307,7 +307,7 @@ def test_netboot_files_need_the_package_listed() -> None:
         ("diskimage/qcow2_efisize: 512 potatoes", "cannot read size '512 potatoes'"),
         ("diskimage/qcow2_roottype: btrfs", "must be one of: xfs"),
         ("boot/kernel/gentoo/distkernel: true", "must be one of: yes, no"),
-        ("imagebuild/stage: stage3.zip", "must be mirror, standin or a stage tarball"),
+        ("imagebuild/stage: stage3.zip", "must be mirror, standin, standin-openrc or a stage tarball"),
         ("imagebuild/sector_size: 2048", "must be one of: 512, 4096"),
         ("imagebuild/compression: xz", "must be one of: zlib, zstd"),
         ("imagebuild/smoke_test: true", "must be one of: yes, no"),
@@ -389,17 +389,21 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 @pytest.mark.parametrize(("variant", "file_part"), [("console", "console"),
                                                     ("cloud-init", "cloudinit")])
-def test_shipped_specs(arch: str, variant: str, file_part: str) -> None:
-    path = REPO / "specs" / arch / f"{variant}.spec"
+@pytest.mark.parametrize("init", ["systemd", "openrc"])
+def test_shipped_specs(arch: str, variant: str, file_part: str, init: str) -> None:
+    suffix = "" if init == "systemd" else "-openrc"
+    path = REPO / "specs" / arch / f"{variant}{suffix}.spec"
     spec = load_spec(path, placeholders={"TIMESTAMP": STAMP}, strict=True)
     assert spec.get("subarch") == arch
     assert spec.get("target") == "diskimage-stage2"
     assert spec.get("version_stamp") == STAMP
     assert spec.get("rel_type") == "23.0-default"
-    assert spec.get("profile", "").startswith(f"default/linux/{arch}/23.0/")
-    assert spec.get("profile", "").endswith("/systemd")
+    assert spec.get("profile", "").startswith(f"default/linux/{arch}/23.0")
+    # Gentoo's systemd profiles end in /systemd; its OpenRC profile is the plain 23.0 one.
+    assert spec.get("profile", "").endswith("/systemd") == (init == "systemd")
+    assert spec.get("source_subpath", "").endswith(f"-{init}-@TIMESTAMP@".replace("@TIMESTAMP@", STAMP))
     assert spec.get("diskimage/type") == variant
-    assert spec.get("diskimage/qcow2") == f"di-{arch}-{file_part}-{STAMP}.qcow2"
+    assert spec.get("diskimage/qcow2") == f"di-{arch}-{file_part}{suffix}-{STAMP}.qcow2"
     assert spec.get("diskimage/qcow2_size") == "20GiB"
     assert spec.get("diskimage/qcow2_efisize") == "512MiB"
     assert spec.get("diskimage/qcow2_roottype") == "xfs"
@@ -411,5 +415,5 @@ def test_shipped_specs(arch: str, variant: str, file_part: str) -> None:
 def test_shipped_specs_are_all_there() -> None:
     found = sorted(p.relative_to(REPO / "specs").as_posix()
                    for p in (REPO / "specs").rglob("*.spec"))
-    assert found == ["amd64/cloud-init.spec", "amd64/console.spec",
-                     "arm64/cloud-init.spec", "arm64/console.spec"]
+    assert found == sorted(f"{arch}/{variant}{init}.spec" for arch in ("amd64", "arm64")
+                           for variant in ("cloud-init", "console") for init in ("", "-openrc"))
