@@ -64,14 +64,20 @@ FILES_DIR = Path(__file__).parent / "standin_files"
 _OPENRC_HOOKS = ('rm -f "$1"/etc/runlevels/*/ssh "$1"/etc/runlevels/*/cloud-* "$1"/etc/init.d/ssh',
                  'ln -sf /etc/init.d/loopback "$1"/etc/runlevels/boot/loopback')
 
-# What the initramfs loads to find the root: the disks QEMU offers (virtio, and AHCI/SCSI for
-# `-drive file=` on q35, as in Gentoo's FAQ), and XFS. Built-in modules are skipped.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "ahci", "sd_mod", "xfs", "crc32c_generic")
+# What the initramfs loads to find the root: the disks QEMU and clouds offer (virtio; the PIIX
+# IDE disk of Gentoo's FAQ command line, which has no -machine and so gets QEMU's default pc
+# machine; AHCI on q35; SCSI; NVMe), and XFS. Built-in modules are skipped.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "ata_piix", "ahci", "sd_mod", "nvme", "xfs",
+                     "crc32c_generic")
 _INITRAMFS_HOOK = """#!/bin/sh
 # imagebuild stand-in: the modules a virtual machine needs for its root disk (MODULES=list).
 [ "$1" = prereqs ] && exit 0
 . /usr/share/initramfs-tools/hook-functions
-for module in {modules}; do force_load "$module"; done
+# Only what this kernel has as a module (ata_piix is for x86 only; some are built in).
+for module in {modules}; do
+    modinfo -k "$version" "$module" >/dev/null 2>&1 && force_load "$module"
+done
+exit 0
 """
 # mmdebstrap writes these into /etc/dpkg/dpkg.cfg.d: nothing to unpack that nobody reads.
 _DPKG_OPTIONS = (
