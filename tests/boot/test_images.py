@@ -1,9 +1,9 @@
 """The product end to end: the README's main job — an amd64 console image built from the
 stand-in stage and boot-tested under QEMU + edk2 — and its results read back.
 
-All four images (amd64/arm64 × console/cloud-init) are built and boot-tested by the release
-job in test_release.py, which checks the same per-image results; building them here again
-would double the slowest part of CI."""
+All eight images (amd64/arm64 × console/cloud-init × systemd/OpenRC) are built and
+boot-tested by the release job in test_release.py, which checks the same per-image results;
+building them here again would double the slowest part of CI."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ EXPECTED_CHECKS = {
     "console": ["arch", "root-xfs", "boot-vfat", "no-failed-units", "nothing-listening",
                 "root-login-empty-password"],
     "cloud-init": ["cloud-init-done", "arch", "root-xfs", "boot-vfat", "no-failed-units",
-                   "hostname-from-seed", "seeded-login", "root-empty-password-refused",
-                   "ssh-host-keys-made-at-boot", "root-grown-to-disk"],
+                   "hostname-from-seed", "hostname-resolves", "seeded-login", "root-empty-password-refused",
+                   "ssh-host-keys-made-at-boot", "sshd-listening", "cloud-init-on-serial-console",
+                   "root-grown-to-disk"],
 }
 
 

@@ -1,8 +1,9 @@
 """The weekly release job end to end: real builds from the stand-in stages, real QEMU boots,
 a real Gentoo-style tree, its summary page rendered by headless Chromium.
 
-CI time is the budget: one full release (4 images, zstd to save ~20 s per image), then the
-smallest runs that prove the rest — one broken image beside one good one, and a single
+CI time is the budget: one full release (8 images: Gentoo's four on systemd and the same four
+on OpenRC, the only boot test of the OpenRC cloud-init images and of arm64 on OpenRC; zstd to
+save ~20 s per image), then the smallest runs that prove the rest — one broken image beside one good one, and a single
 image that is killed as its smoke test starts (a concurrent run is refused meanwhile).
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CACHE_DIR, _standin, qemu_processes, require_root, require_tools
-from imagebuild.config import Arch, Variant
+from imagebuild.config import Arch, ImageKind
 from test_images import EXPECTED_CHECKS
 
 pytestmark = pytest.mark.boot
@@ -38,7 +39,9 @@ pytestmark = pytest.mark.boot
 REPO = Path(__file__).resolve().parents[2]
 FIRST, BROKEN, KILLED, CONCURRENT = ("20261124T000000Z", "20261201T000000Z", "20261208T000000Z",
                                      "20261215T000000Z")
-IMAGES = [(arch, variant) for arch in ("amd64", "arm64") for variant in ("console", "cloudinit")]
+# (arch, variant as the file names spell it), in the order the release builds them.
+IMAGES = [(arch, variant) for arch in ("amd64", "arm64")
+          for variant in ("console", "cloudinit", "console-openrc", "cloudinit-openrc")]
 POINTER = re.compile(r"# Latest as of (.+)\n# ts=(\d+)\n(\d{8}T\d{6}Z)/(\S+) (\d+)\n")
 
 
@@ -120,15 +123,17 @@ class Run:
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """One release of all four images from the stand-in stages."""
+    """One release of all eight images from the stand-in stages."""
     require_root()
     require_tools("qemu-img", "qemu-system-x86_64", "qemu-system-aarch64", "mkfs.xfs", "mkfs.vfat", "mcopy",
                   "sgdisk")
     for arch in Arch:
-        _standin(arch)  # built once and cached; the release reuses it
+        for init in ("systemd", "openrc"):
+            _standin(arch, init)  # built once and cached; the release reuses it
     base = tmp_path_factory.mktemp("release")
     out = base / "out"
-    config = write_config(base / "release.toml", out, arches=["amd64", "arm64"], variants=["console", "cloud-init"],
+    config = write_config(base / "release.toml", out, arches=["amd64", "arm64"],
+                          variants=["console", "cloud-init", "console-openrc", "cloud-init-openrc"],
                           stages={"amd64": "standin", "arm64": "standin"})
     started = time.monotonic()
     proc = release(config, "--stamp", FIRST, log=base / "first.log")
@@ -167,15 +172,22 @@ def test_release_publishes_every_image(first: Run) -> None:
         # Each image's own checks ran and passed (JUnit: one test case per check).
         suite = ET.parse(image.with_name(name + ".smoke.xml")).getroot()
         cases = {case.get("name") for case in suite.iter("testcase")}
-        assert set(EXPECTED_CHECKS[Variant.parse(variant).value]) <= cases, (variant, cases)
-        assert "GNU GRUB" in image.with_name(name + ".console.log").read_text(errors="replace")
-        assert "Linux version" in image.with_name(name + ".console.log").read_text(errors="replace")
+        assert set(EXPECTED_CHECKS[ImageKind.parse(variant).variant.value]) <= cases, (variant, cases)
+        console = image.with_name(name + ".console.log").read_text(errors="replace")
+        assert "GNU GRUB" in console and "Linux version" in console
+        if variant.endswith("-openrc"):
+            assert "INIT: version" in console and "login: " in console, "sysvinit, then a serial login"
+            if variant.startswith("cloudinit"):
+                assert "OpenRC" in console and "* cloud-init local stage" in console, \
+                    "OpenRC's boot on the serial console (the cloud-init image's /dev/console)"
+        manifest = json.loads(image.with_name(name + ".manifest.json").read_text())
+        assert manifest["init"] == ("openrc" if variant.endswith("-openrc") else "systemd")
     assert not (out / "failed").exists()
     assert not list(out.glob(".staging-*")), "staging is gone"
-    rows = [line.split() for line in first.proc.stdout.splitlines()[1:5]]
+    rows = [line.split() for line in first.proc.stdout.splitlines()[1:-1]]
     assert [row[0] for row in rows] == [image_name(a, v, FIRST) for a, v in IMAGES]
     assert all(row[-1] == "PASSED" for row in rows), first.proc.stdout
-    assert first.proc.stdout.splitlines()[-1] == "4 passed, 0 failed"
+    assert first.proc.stdout.splitlines()[-1] == "8 passed, 0 failed"
     assert "STAND-IN" in first.log.read_text(), "the stand-in says what it is"
     print(timings(first.proc.stdout))
 
@@ -249,10 +261,11 @@ def rendered(page: Path, scratch: Path) -> SummaryPage:
 
 def test_summary_page_in_chromium(first: Run, tmp_path: Path) -> None:
     page = rendered(first.page, tmp_path / "profile")
-    assert len(page.rows) == 4, page.rows
+    assert len(page.rows) == 8, page.rows
     for row, (arch, variant) in zip(page.rows, IMAGES):
-        image, row_arch, _variant, size, build, boot, result, reason, _links = row["cells"]
+        image, row_arch, row_variant, size, build, boot, result, reason, _links = row["cells"]
         assert image == image_name(arch, variant, FIRST) and row_arch == arch
+        assert row_variant == str(ImageKind.parse(variant))
         assert result == "PASSED" and reason == ""
         assert re.fullmatch(r"\d+\.\d MiB", size) and re.fullmatch(r"\d+\.\ds", build), row
         assert re.fullmatch(r"\d+\.\ds", boot), row
@@ -260,7 +273,7 @@ def test_summary_page_in_chromium(first: Run, tmp_path: Path) -> None:
         for suffix in (".console.log", ".smoke.xml", ".smoke.json"):
             href = f"releases/{arch}/autobuilds/{FIRST}/{image}{suffix}"
             assert href in row["links"] and (first.out / href).is_file()
-    assert "4 passed, 0 failed" in page.verdict
+    assert "8 passed, 0 failed" in page.verdict
     shot = tmp_path / "page.png"
     chromium(first.page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,700")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -301,7 +314,8 @@ def test_a_broken_image_keeps_its_old_pointer(first: Run, broken_arm64_stage: Pa
     updated = POINTER.fullmatch(pointers["latest-di-amd64-console.txt"].decode())
     assert updated and updated.group(3) == BROKEN
     assert (out / "releases/amd64/autobuilds" / BROKEN / updated.group(4)).stat().st_size == int(updated.group(5))
-    for untouched in ("latest-di-amd64-cloudinit.txt", "latest-di-arm64-cloudinit.txt"):
+    for untouched in ("latest-di-amd64-cloudinit.txt", "latest-di-arm64-cloudinit.txt",
+                      "latest-di-amd64-console-openrc.txt", "latest-di-arm64-cloudinit-openrc.txt"):
         assert pointers[untouched] == first.pointers[untouched], "images not in this run keep their pointers"
     assert not (out / "releases/arm64/autobuilds" / BROKEN).exists(), "nothing of the failure is published"
 
