@@ -31,6 +31,7 @@ _TOOLS = [
     ("gpg", "verifying stage3 signatures"),
     ("zstd", ".tar.zst stages"),
     ("mmdebstrap", "the offline stand-in stage only"),
+    ("arch-test", "the stand-in of a foreign architecture (mmdebstrap needs it)"),
 ]
 
 

@@ -42,6 +42,7 @@ HOST_TOOLS: dict[str, tuple[str, str]] = {
     "cp": ("coreutils", "sys-apps/coreutils"),
     "tar": ("tar", "app-arch/tar"),
     "mmdebstrap": ("mmdebstrap", "(none: Debian-only tool for the stand-in stage)"),
+    "arch-test": ("arch-test", "(none: Debian-only, mmdebstrap's check for a foreign architecture)"),
     "zstd": ("zstd", "app-arch/zstd"),
     "xz": ("xz-utils", "app-arch/xz-utils"),
     "bzip2": ("bzip2", "app-arch/bzip2"),

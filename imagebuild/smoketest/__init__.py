@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from imagebuild.config import Arch, Variant
@@ -53,11 +54,13 @@ def smoke_test(
     boot_timeout: float = 600,
     memory: str = "2G",
     cpus: int = 2,
+    write_seed: Callable[[Seed, Path], Path] = write_seed_iso,
 ) -> SmokeResult:
     """Boot ``image`` and run the checks for ``variant``; the result says whether it passed.
 
     SmokeTestError means the test could not run at all (missing image, firmware, QEMU); a
     guest that fails to boot or fails a check is a result with ``passed`` False.
+    ``write_seed`` makes the cloud-init image's NoCloud seed disk (another tool's seed, say).
     """
     image = Path(image).resolve()
     results_dir = Path(results_dir).resolve()
@@ -97,7 +100,7 @@ def smoke_test(
                     cpus=cpus,
                     # cloud-init: a disk bigger than the image, to see the root grow into it.
                     disk_size=image_size + CLOUD_DISK_EXTRA if seed else None,
-                    seed=write_seed_iso(seed, Path(scratch) / "seed.iso") if seed else None,
+                    seed=write_seed(seed, Path(scratch) / "seed.img") if seed else None,
                     sector_size=sector_size,
                 )
                 boot_and_check(machine, result, variant=variant, boot_timeout=boot_timeout, paths=paths,
