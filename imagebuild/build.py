@@ -17,7 +17,7 @@ from pathlib import Path
 from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
-from imagebuild.config import BuildConfig, InitSystem, Variant
+from imagebuild.config import STANDIN_SOURCES, BuildConfig, InitSystem, Variant
 from imagebuild.configure import (
     Kernel,
     check_init_files,
@@ -40,10 +40,9 @@ from imagebuild.disk import (
     tree_size,
 )
 from imagebuild.errors import ConfigError, ImageError, StageError
+from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.mirror import fetch_stage
 from imagebuild.mounts import note_resource
-from imagebuild.tree import Tree
-from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.output import (
     contents_lines,
     convert_to_qcow2,
@@ -55,6 +54,7 @@ from imagebuild.output import (
     write_json,
 )
 from imagebuild.run import require_tools, run
+from imagebuild.tree import Tree
 from imagebuild.unpack import unpack_stage
 from imagebuild.workspace import Workspace, output_lock
 
@@ -72,7 +72,7 @@ class Context:
     kernel: Kernel | None = None
     disk: DiskLayout | None = None
     ids: Identifiers | None = None
-    outputs: dict[str, Path] = dataclasses.field(default_factory=dict)  # final path -> temporary path
+    outputs: dict[Path, Path] = dataclasses.field(default_factory=dict)  # final path -> temporary path
     shared: SharedStage | None = None  # an unpacked stage several builds of one arch share
 
     @property
@@ -113,8 +113,8 @@ def check_prerequisites(config: BuildConfig) -> None:
 
 def acquire_stage(ctx: Context) -> None:
     source = ctx.config.stage
-    if source in standin.SOURCES:
-        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir, standin.SOURCES[source])
+    if source in STANDIN_SOURCES:
+        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir, STANDIN_SOURCES[source])
     elif source == "mirror":
         assert ctx.config.flavour is not None
         # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
@@ -274,10 +274,10 @@ def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, obj
         "stamp": config.stamp,
         "spec": str(config.spec_path) if config.spec_path else None,
         "stage": {
-            "source": config.stage if config.stage in ("mirror", *standin.SOURCES) else "local",
+            "source": config.stage if config.stage in ("mirror", *STANDIN_SOURCES) else "local",
             "file": ctx.stage_tarball.name,
             "size": ctx.stage_tarball.stat().st_size,
-            "stand_in": config.stage in standin.SOURCES,
+            "stand_in": config.stage in STANDIN_SOURCES,
         },
         "init": ctx.init.value if ctx.init else None,
         "kernel": dataclasses.asdict(ctx.kernel),

@@ -234,15 +234,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
+    from imagebuild.config import STANDIN_SOURCES
     from imagebuild.settings import make_stamp
     from imagebuild.spec import load_spec
     from imagebuild.stage1 import build_seed
-    from imagebuild.standin import SOURCES, ensure_standin
+    from imagebuild.standin import ensure_standin
 
     arch = Arch.parse(args.arch)
     placeholders = {"TIMESTAMP": make_stamp(), **dict(_placeholders(args.set))}
     spec = load_spec(args.spec, placeholders=placeholders, variables={"arch": arch.value})
-    stage = (ensure_standin(arch, args.cache_dir.resolve(), SOURCES[args.stage]) if args.stage in SOURCES
+    stage = (ensure_standin(arch, args.cache_dir.resolve(), STANDIN_SOURCES[args.stage])
+             if args.stage in STANDIN_SOURCES
              else Path(args.stage))
     seed = build_seed(spec, stage, args.output, arch=arch, work_dir=args.work_dir.resolve(),
                       getbinpkg=args.getbinpkg, repo=args.repo)

@@ -195,7 +195,8 @@ class _KeyLookup:
                       "--with-subkey-fingerprint", "--list-keys"],
                      env={"GNUPGHOME": str(self.home)}, check=False)
         keys: dict[str, tuple[str, str]] = {}
-        primary, uid, fingerprints = "", "", []
+        primary, uid = "", ""
+        fingerprints: list[str] = []
 
         def close() -> None:
             for fingerprint in fingerprints:
@@ -242,9 +243,9 @@ def _judge(status: dict[str, list[list[str]]], returncode: int, *, what: str, ke
            trusted: frozenset[str], describe: Callable[[str], str]) -> StageError | None:
     """None when exactly one good, current signature by a trusted primary key covers the file."""
     if "BADSIG" in status:
-        key = status["BADSIG"][0]
+        bad = status["BADSIG"][0]
         return StageError(
-            f"BAD signature on {what}: made by key {key[0]} ({describe(key[0])}) but the content "
+            f"BAD signature on {what}: made by key {bad[0]} ({describe(bad[0])}) but the content "
             "does not match it — the file was altered or corrupted",
             hint="do not use this download; try again later or from another mirror, and report it "
             "to the mirror's operators if it persists",
@@ -260,9 +261,9 @@ def _judge(status: dict[str, list[list[str]]], returncode: int, *, what: str, ke
             + keyring_how_to(),
         )
     if "ERRSIG" in status:
-        key = status["ERRSIG"][0]
-        code = key[5] if len(key) > 5 else "?"
-        return StageError(f"cannot check the signature on {what} (key {key[0]}, gpg error code {code})",
+        err = status["ERRSIG"][0]
+        code = err[5] if len(err) > 5 else "?"
+        return StageError(f"cannot check the signature on {what} (key {err[0]}, gpg error code {code})",
                           hint="the signature uses an algorithm this GnuPG cannot check; update GnuPG")
     if "NEWSIG" not in status or "NODATA" in status:
         return StageError(f"{what} is not PGP-signed",

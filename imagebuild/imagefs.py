@@ -17,8 +17,8 @@ from pathlib import Path
 
 from imagebuild.errors import ImagebuildError
 from imagebuild.mounts import mounted, note_resource
-from imagebuild.workspace import Workspace
 from imagebuild.run import run
+from imagebuild.workspace import Workspace
 
 _MTOOLS = {"MTOOLS_SKIP_CHECK": "1"}
 

@@ -39,14 +39,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from imagebuild import __version__
 from imagebuild.config import Arch
 from imagebuild.errors import StageError
-from imagebuild.gpg import (GENTOO_RELEASE_KEY_FINGERPRINT, Verified, find_keyring, fingerprint_problem,
-                            normalize_fingerprint, verify_clearsigned)
+from imagebuild.gpg import (
+    GENTOO_RELEASE_KEY_FINGERPRINT,
+    Verified,
+    find_keyring,
+    fingerprint_problem,
+    normalize_fingerprint,
+    verify_clearsigned,
+)
 from imagebuild.log import complete_step, logger
 from imagebuild.pointers import cache_lock, check_freshness, parse_pointer
 from imagebuild.run import find_tool
@@ -61,7 +68,7 @@ SMALL_FILE_LIMIT = 1 << 20
 CHUNK = 1 << 16
 
 # The digests we check; Catalyst writes them with hashlib.new(name) (BLAKE2B is blake2b-512).
-ALGORITHMS = {"sha512": hashlib.sha512, "blake2b": hashlib.blake2b}
+ALGORITHMS: dict[str, Callable[[], Any]] = {"sha512": hashlib.sha512, "blake2b": hashlib.blake2b}
 
 _REACH_HINT = "check the mirror URL and that this machine can reach it; try again, or use another mirror"
 _SYNC_HINT = "the mirror may be mid-sync; try again later or use another mirror"

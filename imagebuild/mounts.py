@@ -13,8 +13,8 @@ from pathlib import Path
 
 from imagebuild.errors import WorkspaceError
 from imagebuild.log import logger
-from imagebuild.run import run
 from imagebuild.mountinfo import mounts_below
+from imagebuild.run import run
 from imagebuild.tree import empty_directory_fd
 
 # The innermost active workspace's recorder: it notes every mount, loop device and partial

@@ -406,7 +406,7 @@ def summary_table(results: Sequence[ImageResult]) -> str:
                         "PASSED" if r.passed else "FAILED", r.reason) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(w) if i in (0, 4) else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths))) + "  " + row[-1]
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=False))) + "  " + row[-1]
              for row in rows]
     failed = sum(not r.passed for r in results)
     lines.append(f"{len(results) - failed} passed, {failed} failed")

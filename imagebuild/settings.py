@@ -134,7 +134,8 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
                           hint=f"use --stage standin-{opts.init.value}, or leave out --init")
     if stage == "standin" and init == InitSystem.openrc:
         stage = "standin-openrc"  # the stand-in of the init the spec or --init asks for
-    keyring = opts.keyring or (Path(spec.get("imagebuild/keyring")) if spec.get("imagebuild/keyring") else None)
+    spec_keyring = spec.get("imagebuild/keyring")
+    keyring = opts.keyring or (Path(spec_keyring) if spec_keyring else None)
     return BuildConfig(
         arch=arch,
         variant=variant,

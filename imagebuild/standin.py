@@ -25,7 +25,7 @@ import platform
 import tempfile
 from pathlib import Path
 
-from imagebuild.config import STANDIN_SOURCES as SOURCES, Arch, InitSystem
+from imagebuild.config import Arch, InitSystem
 from imagebuild.errors import StageError
 from imagebuild.log import complete_step, logger
 from imagebuild.run import require_tools, run

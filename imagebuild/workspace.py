@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagebuild.errors import ConfigError, WorkspaceError
@@ -36,7 +36,7 @@ class Workspace:
         self.keep = keep
         self.path: Path | None = None
         self.state: dict[str, object] = {}
-        self._token: contextvars.Token[object] | None = None
+        self._token: contextvars.Token[Callable[[str, str], None] | None] | None = None
 
     def __enter__(self) -> Path:
         try:
@@ -54,7 +54,7 @@ class Workspace:
         except WorkspaceError:
             remove_tree(self.path)
             raise
-        self._token = RESOURCE_RECORDER.set(self._record)  # type: ignore[arg-type]
+        self._token = RESOURCE_RECORDER.set(self._record)
         logger.debug("workspace %s", self.path)
         return self.path
 

@@ -27,8 +27,8 @@ from imagebuild.smoketest.console import (
 )
 from imagebuild.smoketest.firmware import Firmware, find_firmware
 from imagebuild.smoketest.qemu import QMP_GONE, QemuMachine, kvm_works
-from imagebuild.smoketest.seed import Seed, write_seed_iso
 from imagebuild.smoketest.results import CheckResult, SmokeResult, write_json, write_junit
+from imagebuild.smoketest.seed import Seed, write_seed_iso
 
 __all__ = ["SmokeResult", "CheckResult", "Firmware", "smoke_test", "find_firmware", "checks_for"]
 

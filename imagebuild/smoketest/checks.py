@@ -217,7 +217,10 @@ def check_seeded_login(session: GuestSession) -> tuple[bool, str]:
 
 
 def check_root_login_refused(session: GuestSession) -> tuple[bool, str]:
-    refused, detail = session.facts.get("root_login_refused", (False, "not tried"))  # type: ignore[misc]
+    answer = session.facts.get("root_login_refused")
+    if not isinstance(answer, tuple):
+        return False, "not tried"
+    refused, detail = answer
     return bool(refused), str(detail)
 
 
@@ -236,7 +239,7 @@ def check_host_keys_made_at_boot(session: GuestSession) -> tuple[bool, str]:
 
 
 def check_root_grown(session: GuestSession) -> tuple[bool, str]:
-    disk, nominal = int(session.facts["disk_size"]), int(session.facts["image_size"])  # type: ignore[arg-type]
+    disk, nominal = int(str(session.facts["disk_size"])), int(str(session.facts["image_size"]))
     size = int(_last_line(session.run("findmnt -bno SIZE /")) or 0)
     # Grown means: bigger than the whole nominal image could hold, and close to the disk.
     grown = size > nominal and size > disk - 1024**3

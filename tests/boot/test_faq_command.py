@@ -15,9 +15,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import qemu_processes, require_tools
 from imagebuild.config import Arch
 from imagebuild.smoketest.qemu import kvm_works
+
+from conftest import qemu_processes, require_tools
 
 pytestmark = pytest.mark.boot
 

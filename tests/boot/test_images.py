@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, _standin, qemu_processes
 from imagebuild.config import Arch
+
+from conftest import CACHE_DIR, _standin, qemu_processes
 
 pytestmark = pytest.mark.boot
 

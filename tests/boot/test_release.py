@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, _standin, qemu_processes, require_root, require_tools
 from imagebuild.config import Arch, ImageKind
+
+from conftest import CACHE_DIR, _standin, qemu_processes, require_root, require_tools
 from test_images import EXPECTED_CHECKS
 
 pytestmark = pytest.mark.boot
@@ -195,7 +196,7 @@ def test_release_publishes_every_image(first: Run) -> None:
 def verify_digests(image: Path) -> None:
     lines = image.with_name(image.name + ".DIGESTS").read_text().splitlines()
     checked = set()
-    for header, entry in zip(lines[::2], lines[1::2]):
+    for header, entry in zip(lines[::2], lines[1::2], strict=True):
         algo = re.fullmatch(r"# (BLAKE2B|SHA512) HASH", header).group(1)  # type: ignore[union-attr]
         digest, name = entry.split("  ")
         content = (image.parent / name).read_bytes()
@@ -262,7 +263,7 @@ def rendered(page: Path, scratch: Path) -> SummaryPage:
 def test_summary_page_in_chromium(first: Run, tmp_path: Path) -> None:
     page = rendered(first.page, tmp_path / "profile")
     assert len(page.rows) == 8, page.rows
-    for row, (arch, variant) in zip(page.rows, IMAGES):
+    for row, (arch, variant) in zip(page.rows, IMAGES, strict=True):
         image, row_arch, row_variant, size, build, boot, result, reason, _links = row["cells"]
         assert image == image_name(arch, variant, FIRST) and row_arch == arch
         assert row_variant == str(ImageKind.parse(variant))

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import private_dirs, qemu_processes
-
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import SmokeTestError
 from imagebuild.smoketest import smoke_test
 from imagebuild.smoketest.firmware import find_firmware
 from imagebuild.smoketest.qemu import DISK_ID, QemuMachine
+
+from conftest import private_dirs, qemu_processes
 
 pytestmark = pytest.mark.boot
 

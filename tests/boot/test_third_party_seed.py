@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qemu_processes, require_tools
 from imagebuild.config import Arch, Variant
 from imagebuild.render import render
 from imagebuild.smoketest import smoke_test
 from imagebuild.smoketest.seed import Seed
+
+from conftest import qemu_processes, require_tools
 
 pytestmark = pytest.mark.boot
 

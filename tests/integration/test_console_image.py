@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tools
 from imagebuild.config import Arch
 from imagebuild.disk import DPS_ROOT_TYPE
 from imagebuild.imagefs import OpenedImage, open_image
+
+from conftest import require_tools
 
 pytestmark = pytest.mark.integration
 

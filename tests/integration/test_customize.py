@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing, mounts_under, require_root, require_tools
 from imagebuild.config import Arch, InitSystem
 from imagebuild.customize import apply_stage2_keys
 from imagebuild.errors import SpecError, StageError
 from imagebuild.spec import load_spec
 from imagebuild.tree import Tree
+
+from conftest import missing, mounts_under, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices, mounts_under, require_root, require_tools
 from imagebuild.config import Arch, ImageLayout, MiB
 from imagebuild.disk import DPS_ROOT_TYPE, Identifiers, check_fits, make_esp, make_root, partition_image
 from imagebuild.errors import ImageError
 from imagebuild.imagefs import gpt_sector_size
+
+from conftest import loop_devices, mounts_under, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from hostile import Host, Result, build, host, requirements  # noqa: F401
 from imagebuild.config import Arch
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT
 from imagebuild.mirror import fetch_stage
 from imagebuild.pointers import freshness_record
-from loopback_mirror import (EPOCH, LoopbackMirror, SigningKey, SigningKeys, export_keyring,  # noqa: F401
-                             signing_keys_fixture)
+
+from hostile import Host, Result, build, host, requirements  # noqa: F401
+from loopback_mirror import EPOCH, LoopbackMirror, SigningKey, SigningKeys, export_keyring, signing_keys_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

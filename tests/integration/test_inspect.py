@@ -6,8 +6,8 @@ import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def test_root_password_hash_in_console_image_fails(console_image_amd64: Path, tm
     def set_password(root: Path) -> None:
         shadow = root / "etc/shadow"
         lines = shadow.read_text().splitlines(keepends=True)
-        lines = ["root:$6$salt$hash:19000:0:99999:7:::\n" if l.startswith("root:") else l for l in lines]
+        lines = ["root:$6$salt$hash:19000:0:99999:7:::\n" if line.startswith("root:") else line for line in lines]
         shadow.write_text("".join(lines))
 
     result = inspect(doctored(console_image_amd64, tmp_path, set_password))

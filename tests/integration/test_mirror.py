@@ -22,8 +22,8 @@ from imagebuild.errors import StageError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT
 from imagebuild.mirror import fetch_stage, flavour_from_source_subpath
 from imagebuild.pointers import freshness_record
-from loopback_mirror import (EPOCH, LoopbackMirror, SigningKeys, export_keyring, mirror_fixture,  # noqa: F401
-                             signing_keys_fixture)
+
+from loopback_mirror import EPOCH, LoopbackMirror, SigningKeys, export_keyring, mirror_fixture, signing_keys_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

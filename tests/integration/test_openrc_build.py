@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _standin, qemu_processes
 from imagebuild.config import Arch
+
+from conftest import _standin, qemu_processes
 
 pytestmark = pytest.mark.integration
 

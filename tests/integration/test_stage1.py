@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, missing, mounts_under, require_root, require_tools
 from imagebuild.config import Arch
 from imagebuild.errors import CommandError, SpecError, StageError
 from imagebuild.spec import load_spec
-from imagebuild.standin import ensure_standin
 from imagebuild.stage1 import build_seed
+from imagebuild.standin import ensure_standin
 from imagebuild.unpack import unpack_stage
+
+from conftest import CACHE_DIR, missing, mounts_under, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 

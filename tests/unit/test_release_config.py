@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing
 from imagebuild.config import Arch, Compression, ImageKind, InitSystem, Variant
-
-CONSOLE, CLOUD = ImageKind(Variant.console), ImageKind(Variant.cloudinit)
-CONSOLE_OPENRC, CLOUD_OPENRC = ImageKind(Variant.console, InitSystem.openrc), ImageKind(Variant.cloudinit, InitSystem.openrc)
 from imagebuild.errors import ConfigError
 from imagebuild.publish import (
     ImageResult,
@@ -37,9 +33,14 @@ from imagebuild.publish import (
 )
 from imagebuild.release import load_release_config, parse_release_config, select
 
+from conftest import missing
+
 REPO = Path(__file__).resolve().parents[2]
 STAMPS = ["20261103T000000Z", "20261110T000000Z", "20261117T000000Z", "20261124T000000Z"]
 EPOCH = 1795478400  # 2026-11-24T00:00:00Z, a Tuesday
+CONSOLE, CLOUD = ImageKind(Variant.console), ImageKind(Variant.cloudinit)
+CONSOLE_OPENRC = ImageKind(Variant.console, InitSystem.openrc)
+CLOUD_OPENRC = ImageKind(Variant.cloudinit, InitSystem.openrc)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -206,7 +207,7 @@ def test_image_kinds(text: str, kind: ImageKind, name: str) -> None:
 
 @pytest.mark.parametrize("text", ["desktop", "console-runit", "openrc", "-openrc", "console-"])
 def test_unknown_image_kinds(text: str) -> None:
-    with pytest.raises(ConfigError, match=f"unknown image variant"):
+    with pytest.raises(ConfigError, match="unknown image variant"):
         ImageKind.parse(text)
 
 
