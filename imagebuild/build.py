@@ -17,7 +17,7 @@ from pathlib import Path
 from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
-from imagebuild.config import STANDIN_SOURCES, BuildConfig, InitSystem, Variant
+from imagebuild.config import STANDIN_SOURCES, BuildConfig, Companion, InitSystem, Variant
 from imagebuild.configure import (
     Kernel,
     check_init_files,
@@ -239,9 +239,9 @@ def write_outputs(ctx: Context) -> None:
     image = config.image_path
     names = {
         "image": image,
-        "contents": image.with_name(image.name + ".CONTENTS.gz"),
-        "digests": image.with_name(image.name + ".DIGESTS"),
-        "manifest": image.with_name(image.name + ".manifest.json"),
+        "contents": Companion.contents.of(image),
+        "digests": Companion.digests.of(image),
+        "manifest": Companion.manifest.of(image),
     }
     for final in names.values():
         ctx.outputs[final] = temporary_name(final)

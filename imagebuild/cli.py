@@ -9,8 +9,8 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from imagebuild import __version__
-from imagebuild.config import Arch, InitSystem, Variant
+from imagebuild import __version__, options
+from imagebuild.config import Arch, Companion, InitSystem, Variant
 from imagebuild.errors import ImagebuildError, Interrupted
 from imagebuild.log import logger, setup_logging, step_error
 
@@ -51,35 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("arch", help="amd64 or arm64")
     build.add_argument("variant", help="console or cloud-init")
     build.add_argument("--spec", type=Path, help="Catalyst-style spec (default: the shipped specs/ARCH/VARIANT.spec)")
-    build.add_argument("--stage", metavar="SOURCE",
-                       help="stage tarball path, 'standin' (offline Debian-based stand-in, systemd), "
-                       "'standin-openrc' (the same with OpenRC), or 'mirror'")
     build.add_argument("--init", choices=[i.value for i in InitSystem],
                        help="the stage's init: picks the shipped spec (VARIANT-openrc.spec for openrc) and "
                        "the stand-in; the stage must run it (default: what the spec's profile says)")
-    build.add_argument("--mirror", metavar="URL",
-                       help="Gentoo mirror base URL to fetch the stage3 from (implies --stage mirror)")
-    build.add_argument("--keyring", type=Path,
-                       help="GnuPG keyring with the key that signs the mirror's DIGESTS (default: Gentoo's release key)")
-    build.add_argument("--trusted-key", action="append", default=[], metavar="FPR", dest="trusted_keys",
-                       help="primary key fingerprint whose signatures on the mirror's files count, instead of "
-                       "Gentoo's release key (repeatable; spec: imagebuild/trusted_keys)")
+    for option in options.OPTIONS:  # the settings table: --stage, --mirror, --size, --compression, ...
+        if option.flag:
+            build.add_argument(option.flag, dest=option.name, help=_option_help(option),
+                               choices=option.choices or None, metavar=None if option.choices else option.metavar,
+                               action="append" if option.normalize else "store")
     build.add_argument("--allow-older-stage", action="store_true",
                        help="accept a mirror pointer older than the newest one seen for the flavour (with a warning)")
     build.add_argument("-o", "--output", type=Path, default=Path("out"), help="output directory (default: ./out)")
-    build.add_argument("--size", help="image size, e.g. 20GiB (spec: diskimage/qcow2_size)")
-    build.add_argument("--esp-size", help="EFI partition size, e.g. 512MiB (spec: diskimage/qcow2_efisize)")
-    build.add_argument("--sector-size", type=int, choices=[512, 4096],
-                       help="logical sector size: 512 (Gentoo's published images, default) or 4096 for 4Kn disks"
-                       " (spec: imagebuild/sector_size)")
-    build.add_argument("--compression", choices=["zlib", "zstd"], help="qcow2 compression (default zlib)")
     build.add_argument("--stamp", help="release stamp (default: now, YYYYMMDDTHHMMSSZ)")
     build.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="value for a spec placeholder @NAME@ (repeatable)")
-    build.add_argument("--no-test", action="store_true", help="do not boot-test the image")
-    build.add_argument("--boot-timeout", type=float, help="smoke-test deadline in seconds")
-    build.add_argument("--work-dir", type=Path, help="scratch space (default /var/tmp/imagebuild)")
-    build.add_argument("--cache-dir", type=Path, help="stage cache (default /var/cache/imagebuild)")
+    build.add_argument("--no-test", action="store_true", help="do not boot-test the image (spec: imagebuild/smoke_test)")
     build.add_argument("--keep-workspace", action="store_true", help="keep the scratch tree for debugging")
 
     smoke = sub.add_parser("smoke-test", parents=[common], help="boot an image under QEMU + edk2 and check it works")
@@ -87,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     smoke.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     smoke.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
-    smoke.add_argument("--boot-timeout", type=float, default=600.0, help="deadline in seconds (default 600)")
+    smoke.add_argument("--boot-timeout", type=float, default=float(options.default("boot_timeout")),
+                       help=f"deadline in seconds (default {options.default('boot_timeout')})")
 
     boot = sub.add_parser("qemu", parents=[common],
                           help="boot an image by hand, its serial console on this terminal (Ctrl-a x quits)")
@@ -106,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
-    inspect.add_argument("--work-dir", type=Path, default=Path("/var/tmp/imagebuild"),
-                         help="scratch space for the raw copy (default /var/tmp/imagebuild)")
+    inspect.add_argument("--work-dir", type=Path, default=Path(options.default("work_dir")),
+                         help=f"scratch space for the raw copy (default {options.default('work_dir')})")
 
     seed = sub.add_parser("stage1", parents=[common],
                           help="diskimage-stage1: emerge a spec's diskimage/packages into a stage, write a seed")
@@ -119,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--getbinpkg", action="store_true", help="let emerge fetch binary packages (--getbinpkg)")
     seed.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                       help="value for a spec placeholder @NAME@ (repeatable)")
-    seed.add_argument("--work-dir", type=Path, default=Path("/var/tmp/imagebuild"))
-    seed.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
+    seed.add_argument("--work-dir", type=Path, default=Path(options.default("work_dir")))
+    seed.add_argument("--cache-dir", type=Path, default=Path(options.default("cache_dir")))
 
     from imagebuild.release import add_release_parser
 
@@ -132,8 +119,29 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("arch", help="amd64 or arm64")
     stage.add_argument("--init", choices=[i.value for i in InitSystem], default=InitSystem.systemd.value,
                        help="the stand-in's init system (default: systemd)")
-    stage.add_argument("--cache-dir", type=Path, default=Path("/var/cache/imagebuild"))
+    stage.add_argument("--cache-dir", type=Path, default=Path(options.default("cache_dir")))
     return parser
+
+
+def _option_help(option: options.Option) -> str:
+    where = [f"spec: {option.spec_key}"] if option.spec_key else []
+    if option.default:
+        where.append(f"default: {option.default}")
+    return f"{option.help}" + (f" ({'; '.join(where)})" if where else "")
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The table's settings the command line gives, as text (a repeated flag's items joined)."""
+    given: dict[str, str] = {}
+    for option in options.OPTIONS:
+        value = getattr(args, option.name, None)
+        if isinstance(value, list):
+            value = " ".join(option.normalize(item) if option.normalize else item for item in value) or None
+        if value is not None:
+            given[option.name] = value
+    if args.no_test:
+        given["smoke_test"] = "no"
+    return given
 
 
 def _placeholders(items: list[str]) -> list[tuple[str, str]]:
@@ -154,17 +162,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     config = resolve(
         Arch.parse(args.arch),
         Variant.parse(args.variant),
-        Overrides(spec=args.spec, stage=args.stage, mirror=args.mirror, keyring=args.keyring,
-                  trusted_keys=tuple(args.trusted_keys), allow_older_stage=args.allow_older_stage,
-                  output_dir=args.output, size=args.size,
-                  esp_size=args.esp_size, sector_size=args.sector_size, compression=args.compression,
-                  smoke_test=False if args.no_test else None, boot_timeout=args.boot_timeout,
-                  stamp=args.stamp, work_dir=args.work_dir, cache_dir=args.cache_dir,
-                  placeholders=tuple(placeholders), init=InitSystem(args.init) if args.init else None),
+        Overrides(spec=args.spec, settings=_given_settings(args), allow_older_stage=args.allow_older_stage,
+                  output_dir=args.output, stamp=args.stamp, placeholders=tuple(placeholders),
+                  init=InitSystem(args.init) if args.init else None),
     )
     image = build_image(config, keep_workspace=args.keep_workspace)
     audit = _inspect(image, config.arch, config.variant,
-                     image.with_name(image.name + ".inspect.json"), work_dir=config.work_dir)
+                     Companion.inspect.of(image), work_dir=config.work_dir)
     if not config.smoke_test:
         return audit
     if audit != 0:
@@ -190,7 +194,7 @@ def _image_identity(image: Path, arch: str | None, variant: str | None) -> tuple
     """Arch and variant from the options, else from the manifest the build wrote beside the image."""
     if not image.is_file():
         raise ImagebuildError(f"image {image} does not exist", hint="give the path of a .qcow2 image")
-    manifest = image.with_name(image.name + ".manifest.json")
+    manifest = Companion.manifest.of(image)
     recorded: dict[str, str] = {}
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from imagebuild.errors import ConfigError
-from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT
 
 
 class Arch(enum.StrEnum):
@@ -84,6 +83,35 @@ class Compression(enum.StrEnum):
 class InitSystem(enum.StrEnum):
     systemd = "systemd"
     openrc = "openrc"
+
+
+class Companion(enum.StrEnum):
+    """The files published beside an image, each named ``<image file name><suffix>``."""
+
+    contents = ".CONTENTS.gz"
+    digests = ".DIGESTS"
+    manifest = ".manifest.json"
+    inspect = ".inspect.json"
+    smoke_json = ".smoke.json"
+    smoke_xml = ".smoke.xml"
+    console_log = ".console.log"
+    qemu_log = ".qemu.log"
+    screenshot = ".screen.png"
+    build_log = ".build.log"
+
+    def of(self, image: Path, directory: Path | None = None) -> Path:
+        """This companion of ``image``, beside it or in ``directory``."""
+        return (directory or image.parent) / (image.name + self.value)
+
+
+# What a stage tarball may be called (unpack also tells the compression by the content).
+STAGE_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tar.bz2", ".tgz", ".txz")
+
+
+def strip_stage_suffix(name: str) -> str:
+    """``stage3-amd64-openrc-20261124T000000Z.tar.xz`` -> ``stage3-amd64-openrc-20261124T000000Z``."""
+    suffix = next((s for s in sorted(STAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
+    return name.removesuffix(suffix) if suffix else name
 
 
 # The stage sources that name an offline stand-in (imagebuild.standin), and the init of each.
@@ -214,22 +242,23 @@ class BuildConfig:
     image_name: str  # e.g. di-amd64-console-20261124T030000Z.qcow2
     stamp: str
     layout: ImageLayout
-    compression: Compression = Compression.zlib
-    smoke_test: bool = True
-    boot_timeout: float = 600.0
-    spec_path: Path | None = None
-    mirror: str = "https://distfiles.gentoo.org"
-    flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
-    keyring: Path | None = None
+    # The settings table's (imagebuild.options): no defaults here, settings.resolve gives them.
+    compression: Compression
+    smoke_test: bool
+    boot_timeout: float
+    mirror: str
     # Primary fingerprints whose signatures on the mirror's pointer and DIGESTS count.
-    trusted_keys: tuple[str, ...] = (GENTOO_RELEASE_KEY_FINGERPRINT,)
+    trusted_keys: tuple[str, ...]
+    work_dir: Path
+    cache_dir: Path
+    keyring: Path | None = None
+    spec_path: Path | None = None
+    flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
     # Accept a pointer older than the newest one seen for the flavour (a warning, not an error).
     allow_older_stage: bool = False
     # The loaded spec, for Catalyst's diskimage-stage2 keys (rcadd, unmerge, empty, rm,
     # fsscript) that customize.apply_stage2_keys validates and applies.
     spec: Any = None
-    work_dir: Path = Path("/var/tmp/imagebuild")
-    cache_dir: Path = Path("/var/cache/imagebuild")
     # The init the spec or the command line expects of the stage (None: whatever it runs).
     init: InitSystem | None = None
     init_source: str = ""  # what said so, for the message when the stage disagrees

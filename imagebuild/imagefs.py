@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from imagebuild import options
 from imagebuild.errors import ImagebuildError
 from imagebuild.mounts import mounted, note_resource
 from imagebuild.run import run
@@ -107,7 +108,7 @@ def _read_only_loop(stack: contextlib.ExitStack, raw: Path, sector: int, *, offs
     return loop
 
 
-DEFAULT_WORK_DIR = Path("/var/tmp/imagebuild")
+DEFAULT_WORK_DIR = Path(options.default("work_dir"))
 
 
 @contextlib.contextmanager

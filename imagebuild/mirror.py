@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from imagebuild import __version__
-from imagebuild.config import Arch
+from imagebuild.config import Arch, strip_stage_suffix
 from imagebuild.errors import StageError
 from imagebuild.gpg import (
     GENTOO_RELEASE_KEY_FINGERPRINT,
@@ -57,8 +57,6 @@ from imagebuild.gpg import (
 from imagebuild.log import complete_step, logger
 from imagebuild.pointers import cache_lock, check_freshness, parse_pointer
 from imagebuild.run import find_tool
-
-DEFAULT_MIRROR = "https://distfiles.gentoo.org"
 
 # Seconds a connection may stay silent before the transfer counts as stalled. A whole
 # stage3 takes minutes, but a healthy mirror never goes a minute without sending a byte.
@@ -75,7 +73,6 @@ _SYNC_HINT = "the mirror may be mid-sync; try again later or use another mirror"
 
 _FLAVOUR = re.compile(r"[a-z0-9][a-z0-9_.+-]*")
 _STAMP_SUFFIX = re.compile(r"-(@[A-Z_]+@|\d{8}(T\d{6}Z)?|latest)$")
-_TARBALL_SUFFIXES = (".tar.xz", ".tar.bz2", ".tar.gz", ".tar.zst", ".tar")
 
 
 def flavour_from_source_subpath(text: str) -> str:
@@ -84,9 +81,7 @@ def flavour_from_source_subpath(text: str) -> str:
     Accepts what releng and Catalyst users write: a ``@TIMESTAMP@`` placeholder or an expanded
     stamp, ``-latest``, or no stamp, with or without a tarball suffix.
     """
-    name = PurePosixPath(text.strip()).name
-    for suffix in _TARBALL_SUFFIXES:
-        name = name.removesuffix(suffix)
+    name = strip_stage_suffix(PurePosixPath(text.strip()).name)
     if not name.startswith("stage3-"):
         raise StageError(
             f"source_subpath '{text}' does not name a stage3, so it cannot come from a mirror",

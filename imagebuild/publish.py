@@ -36,7 +36,7 @@ from typing import Any
 
 import jinja2
 
-from imagebuild.config import Arch, ImageKind, InitSystem, Variant
+from imagebuild.config import Arch, Companion, ImageKind, InitSystem, Variant
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import logger
 from imagebuild.mounts import remove_tree
@@ -265,7 +265,7 @@ def publish(out: Path, staging: Path, stamp: str, results: list[ImageResult], *,
     if sign:
         for result in passed:
             directory = tree / result_dir(result, stamp)
-            wanted = [n for n in (result.image, result.image + ".DIGESTS") if n in result.files]
+            wanted = [n for n in (result.image, result.image + Companion.digests) if n in result.files]
             sign_files([directory / n for n in wanted], sign)
             result.files += [n + ".asc" for n in wanted if n + ".asc" not in result.files]
     for result in passed:
@@ -414,9 +414,9 @@ def summary_table(results: Sequence[ImageResult]) -> str:
 
 
 # Files worth a link on the page, in the order shown.
-_LINKS = (("console log", ".console.log"), ("JUnit", ".smoke.xml"), ("smoke JSON", ".smoke.json"),
-          ("screenshot", ".screen.png"), ("inspect", ".inspect.json"), ("build log", ".build.log"),
-          ("DIGESTS", ".DIGESTS"))
+_LINKS = (("console log", Companion.console_log), ("JUnit", Companion.smoke_xml),
+          ("smoke JSON", Companion.smoke_json), ("screenshot", Companion.screenshot),
+          ("inspect", Companion.inspect), ("build log", Companion.build_log), ("DIGESTS", Companion.digests))
 
 
 @functools.cache

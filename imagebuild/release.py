@@ -22,7 +22,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imagebuild.config import STANDIN_SOURCES, Arch, BuildConfig, Compression, ImageKind, InitSystem
+from imagebuild import options
+from imagebuild.config import STANDIN_SOURCES, Arch, BuildConfig, Companion, ImageKind, InitSystem
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.publish import (
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 
 EXIT_PASSED, EXIT_FAILED = 0, 1
 
-_KEYS = {"output", "keep", "compression", "sign", "work_dir", "cache_dir", "mirror", "keyring",
-         "boot_timeout", "architectures", "variants", "stages", "specs"}
+# The release's own keys; the build settings it may give come from the settings table.
+_KEYS = {"output", "keep", "sign", "architectures", "variants", "stages", "specs", *options.BY_RELEASE_KEY}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +60,10 @@ class ReleaseConfig:
     stages: dict[tuple[Arch, InitSystem], str]  # "mirror", "standin" or a tarball path
     specs: dict[tuple[Arch, ImageKind], Path]
     keep: int = 4
-    compression: Compression = Compression.zlib
     sign: str | None = None  # GnuPG key to sign images, DIGESTS and pointers with
-    work_dir: Path | None = None
-    cache_dir: Path | None = None
-    mirror: str | None = None
-    keyring: Path | None = None
-    boot_timeout: float | None = None
+    # Build settings of the table (compression, mirror, keyring, boot_timeout, work_dir,
+    # cache_dir) as text, by setting name; paths made absolute. Every build of the run gets them.
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def default_config() -> Path:
@@ -124,15 +122,17 @@ def parse_release_config(data: dict[str, Any], path: Path) -> ReleaseConfig:
     if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
         problems.append(f"'keep' must be a whole number of releases, at least 1, not {keep!r}")
         keep = 4
-    compression = Compression.zlib
-    try:
-        compression = Compression(text("compression", "zlib") or "zlib")
-    except ValueError:
-        problems.append(f"'compression' must be zlib or zstd, not {data['compression']!r}")
-    timeout = data.get("boot_timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        problems.append(f"'boot_timeout' must be a number of seconds, not {timeout!r}")
-        timeout = None
+    settings: dict[str, str] = {}
+    for key, option in options.BY_RELEASE_KEY.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            problems.append(f"'{key}' must be a string or a number, not {value!r}")
+        elif problem := option.problem(str(value)):
+            problems.append(f"'{key}' {problem}, not {value!r}")
+        else:
+            settings[option.name] = str(local(str(value))) if option.path else str(value)
 
     # "amd64" gives the stage of every amd64 image; "amd64/openrc" that of the OpenRC ones alone
     # (a stage tarball runs one init; "mirror" and "standin" find the right one by themselves).
@@ -169,13 +169,9 @@ def parse_release_config(data: dict[str, Any], path: Path) -> ReleaseConfig:
                           + "\n".join(f"    - {p}" for p in problems),
                           hint="ci/release.toml shows every key, with comments")
     assert output is not None
-    work_dir, cache_dir, keyring = text("work_dir"), text("cache_dir"), text("keyring")
     return ReleaseConfig(
         path=path, output=local(output), architectures=arches, variants=variants, stages=stages,
-        specs=specs, keep=keep, compression=compression, sign=text("sign"),
-        work_dir=local(work_dir) if work_dir else None, cache_dir=local(cache_dir) if cache_dir else None,
-        mirror=text("mirror"), keyring=local(keyring) if keyring else None,
-        boot_timeout=float(timeout) if timeout is not None else None,
+        specs=specs, keep=keep, sign=text("sign"), settings=settings,
     )
 
 
@@ -213,10 +209,9 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
     images = select(release, arches, variants)
     staging = out / f".staging-{stamp}"
     configs = [resolve(arch, kind.variant, Overrides(
-        spec=release.specs.get((arch, kind)), stage=release.stages[arch, kind.init], init=kind.init,
-        mirror=release.mirror, keyring=release.keyring, output_dir=staging / "build" / arch.value,
-        compression=release.compression.value, smoke_test=True, boot_timeout=release.boot_timeout,
-        stamp=stamp, work_dir=release.work_dir, cache_dir=release.cache_dir)) for arch, kind in images]
+        spec=release.specs.get((arch, kind)), init=kind.init, output_dir=staging / "build" / arch.value,
+        settings={**release.settings, "stage": release.stages[arch, kind.init], "smoke_test": "yes"},
+        stamp=stamp)) for arch, kind in images]
     if sign:
         check_signing_key(sign)
 
@@ -261,7 +256,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
 
     result = ImageResult(arch=config.arch, variant=config.variant, init=config.kind.init, image=config.image_name)
     image = config.image_path
-    with _build_log(image.with_name(image.name + ".build.log")):
+    with _build_log(Companion.build_log.of(image)):
         try:
             started = time.monotonic()
             STEP_TIMINGS.clear()  # the manifest's step timings are this build's alone
@@ -270,7 +265,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
             result.size = image.stat().st_size
             with complete_step(f"Inspecting {image.name}"):
                 report = inspect_image(image, config.arch, config.variant, work_dir=config.work_dir)
-                image.with_name(image.name + ".inspect.json").write_text(report.to_json())
+                Companion.inspect.of(image).write_text(report.to_json())
             if not report.passed:
                 result.reason = "inspect failed: " + ", ".join(c.name for c in report.failed())
             else:
@@ -278,7 +273,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
                                    results_dir=config.output_dir, boot_timeout=config.boot_timeout)
                 result.boot_seconds = smoke.total_seconds
                 result.passed, result.reason = smoke.passed, "" if smoke.passed else f"smoke test: {smoke.reason}"
-                _relative_paths(image.with_name(image.name + ".smoke.json"))
+                _relative_paths(Companion.smoke_json.of(image))
         except (ImagebuildError, OSError) as exc:
             result.reason = _first_line(exc)
             logger.error("✗ %s: %s", image.name, exc)
@@ -290,7 +285,7 @@ def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
 
 def _stage_failed(config: BuildConfig, exc: BaseException) -> ImageResult:
     """An image never started because its stage failed; its build log says why."""
-    log = config.image_path.with_name(config.image_name + ".build.log")
+    log = Companion.build_log.of(config.image_path)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"the {config.arch} stage ({config.stage}) could not be prepared:\n{exc}\n")
     return ImageResult(arch=config.arch, variant=config.variant, init=config.kind.init, image=config.image_name,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from imagebuild import options
 from imagebuild.config import (
     STANDIN_SOURCES,
     Arch,
@@ -23,7 +25,7 @@ from imagebuild.config import (
     parse_size,
 )
 from imagebuild.errors import ConfigError, ImagebuildError
-from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, fingerprint_problem, normalize_fingerprint
+from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
@@ -31,26 +33,22 @@ from imagebuild.spec import Spec, load_spec
 
 @dataclasses.dataclass(frozen=True)
 class Overrides:
-    """Command-line options; None means "not given"."""
+    """What the command line (or the release config) gives; absent means "not given".
+
+    ``settings`` holds the table's settings (imagebuild.options) by name, as text.
+    """
 
     spec: Path | None = None
-    stage: str | None = None
-    mirror: str | None = None
-    keyring: Path | None = None
-    trusted_keys: tuple[str, ...] = ()
+    settings: Mapping[str, str] = dataclasses.field(default_factory=dict)
     allow_older_stage: bool = False
     output_dir: Path = Path("out")
-    size: str | None = None
-    esp_size: str | None = None
-    sector_size: int | None = None
-    compression: str | None = None
-    smoke_test: bool | None = None
-    boot_timeout: float | None = None
     stamp: str | None = None
-    work_dir: Path | None = None
-    cache_dir: Path | None = None
     placeholders: tuple[tuple[str, str], ...] = ()
     init: InitSystem | None = None
+
+    @property
+    def stage(self) -> str | None:
+        return self.settings.get("stage")
 
 
 def default_spec(arch: Arch, variant: Variant, init: InitSystem = InitSystem.systemd) -> Path:
@@ -85,14 +83,37 @@ def make_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(int(epoch) if epoch else None))
 
 
-def _yes_no(value: str | None, where: str) -> bool | None:
-    if value is None:
-        return None
-    if value.lower() in ("yes", "true", "1"):
-        return True
-    if value.lower() in ("no", "false", "0"):
-        return False
-    raise ConfigError(f"{where}: expected yes or no, got '{value}'")
+class _Values:
+    """The text of each setting (imagebuild.options): the command line, else the spec, else the
+    table's default. Spec values were checked when the spec was read; command-line ones here."""
+
+    def __init__(self, spec: Spec, opts: Overrides) -> None:
+        self.spec, self.opts = spec, opts
+
+    def given(self, name: str) -> str | None:
+        """What the command line (or the release config) says, as text; None if nothing."""
+        text = self.opts.settings.get(name)
+        if text is None:
+            return None
+        option = options.BY_NAME[name]
+        if problem := option.problem(text):
+            where = option.flag or option.release_key or name
+            raise ConfigError(f"{where} {text}: {problem}", hint=option.help)
+        return text
+
+    def text(self, name: str) -> str | None:
+        option = options.BY_NAME[name]
+        given = self.given(name)
+        if given is not None:
+            return given
+        if option.spec_key and (in_spec := self.spec.get(option.spec_key)):
+            return in_spec
+        return option.default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.text(name)
+        assert value is not None, f"{name} has no default"
+        return value
 
 
 def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
@@ -103,29 +124,17 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     spec = load_spec(spec_path, placeholders=placeholders,
                      variables={"arch": arch.value, "variant": variant.value, "stamp": stamp})
     _check_matches(spec, arch, variant)
+    values = _Values(spec, opts)
 
-    def pick(cli: object, key: str) -> str | None:
-        return str(cli) if cli is not None else spec.get(key)
-
-    size = pick(opts.size, "diskimage/qcow2_size")
-    esp_size = pick(opts.esp_size, "diskimage/qcow2_efisize")
     layout = ImageLayout(
-        size=parse_size(size, what="image size") if size else ImageLayout.size,
-        esp_size=parse_size(esp_size, what="EFI partition size") if esp_size else ImageLayout.esp_size,
-        sector_size=int(pick(opts.sector_size, "imagebuild/sector_size") or 512),
+        size=parse_size(values["size"], what="image size"),
+        esp_size=parse_size(values["esp_size"], what="EFI partition size"),
+        sector_size=int(values["sector_size"]),
         root_fstype=spec.get("diskimage/qcow2_roottype") or "xfs",
     )
     layout.validate()
-    compression_text = pick(opts.compression, "imagebuild/compression") or "zlib"
-    try:
-        compression = Compression(compression_text)
-    except ValueError:
-        raise ConfigError(f"unknown compression '{compression_text}'", hint="use zlib or zstd") from None
-    smoke = opts.smoke_test if opts.smoke_test is not None else _yes_no(
-        spec.get("imagebuild/smoke_test"), spec.where("imagebuild/smoke_test"))
-    timeout = pick(opts.boot_timeout, "imagebuild/boot_timeout")
     # --mirror alone means "take the stage from that mirror".
-    stage = opts.stage or ("mirror" if opts.mirror else None) or spec.get("imagebuild/stage") or "mirror"
+    stage = values.given("stage") or ("mirror" if values.given("mirror") else None) or values["stage"]
     init, init_source = _expected_init(spec, opts, stage)
     image_name = _image_name(spec, arch, ImageKind(variant, init or InitSystem.systemd), stamp)
     if opts.init is not None and stage in STANDIN_SOURCES and stage != "standin" and STANDIN_SOURCES[stage] != opts.init:
@@ -134,45 +143,32 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
                           hint=f"use --stage standin-{opts.init.value}, or leave out --init")
     if stage == "standin" and init == InitSystem.openrc:
         stage = "standin-openrc"  # the stand-in of the init the spec or --init asks for
-    spec_keyring = spec.get("imagebuild/keyring")
-    keyring = opts.keyring or (Path(spec_keyring) if spec_keyring else None)
+    keyring = values.text("keyring")
+    trusted = values.text("trusted_keys")
     return BuildConfig(
         arch=arch,
         variant=variant,
         stage=stage,
-        mirror=pick(opts.mirror, "imagebuild/mirror") or BuildConfig.mirror,
+        mirror=values["mirror"],
         flavour=_flavour(spec, arch) if stage == "mirror" else None,
-        keyring=keyring.expanduser().resolve() if keyring else None,
-        trusted_keys=_trusted_keys(spec, opts.trusted_keys),
+        keyring=Path(keyring).expanduser().resolve() if keyring else None,
+        trusted_keys=tuple(dict.fromkeys(normalize_fingerprint(word) or word for word in trusted.split()))
+        if trusted else (GENTOO_RELEASE_KEY_FINGERPRINT,),
         allow_older_stage=opts.allow_older_stage,
         output_dir=opts.output_dir.resolve(),
         image_name=image_name,
         stamp=stamp,
         layout=layout,
-        compression=compression,
-        smoke_test=True if smoke is None else smoke,
-        boot_timeout=float(timeout) if timeout else 600.0,
+        compression=Compression(values["compression"]),
+        smoke_test=values["smoke_test"] == "yes",
+        boot_timeout=float(values["boot_timeout"]),
         spec_path=spec_path,
         spec=spec,
-        work_dir=(opts.work_dir or BuildConfig.work_dir).resolve(),
-        cache_dir=(opts.cache_dir or BuildConfig.cache_dir).resolve(),
+        work_dir=Path(values["work_dir"]).resolve(),
+        cache_dir=Path(values["cache_dir"]).resolve(),
         init=init,
         init_source=init_source,
     )
-
-
-def _trusted_keys(spec: Spec, cli: tuple[str, ...]) -> tuple[str, ...]:
-    """--trusted-key (each may be written with spaces), else imagebuild/trusted_keys, else Gentoo's key."""
-    if cli:
-        problems = [p for text in cli if (p := fingerprint_problem(text))]
-        if problems:
-            raise ConfigError(f"--trusted-key {problems[0]}",
-                              hint="give the primary key's fingerprint; 'gpg --fingerprint KEY' shows it")
-        names = [normalize_fingerprint(text) or text for text in cli]
-    else:
-        # Checked when the spec was read: each word is a fingerprint.
-        names = [normalize_fingerprint(word) or word for word in (spec.get("imagebuild/trusted_keys") or "").split()]
-    return tuple(dict.fromkeys(names)) or (GENTOO_RELEASE_KEY_FINGERPRINT,)
 
 
 def _flavour(spec: Spec, arch: Arch) -> str:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import jinja2
 
-from imagebuild.config import STANDIN_SOURCES, Arch, Compression, parse_size
-from imagebuild.errors import ConfigError, SpecError
-from imagebuild.gpg import fingerprint_problem
+from imagebuild import options
+from imagebuild.config import Arch
+from imagebuild.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +65,9 @@ _NETBOOT_FILES_KEY = re.compile(r"netboot/packages/(.+)/files")
 
 # --- imagebuild's own keys (documented in specs/README.md) ----------------------------------
 
-IMAGEBUILD_DEFAULTS: Mapping[str, str] = MappingProxyType({
-    "imagebuild/stage": "mirror",
-    "imagebuild/sector_size": "512",
-    "imagebuild/compression": "zlib",
-    "imagebuild/smoke_test": "yes",
-    "imagebuild/boot_timeout": "600",
-    "imagebuild/mirror": "https://distfiles.gentoo.org",
-})
-# Keys without a default: imagebuild/keyring (unset: the Gentoo release key's usual places),
-# imagebuild/trusted_keys (unset: only Gentoo's release key is trusted).
-IMAGEBUILD_KEYS = frozenset({*IMAGEBUILD_DEFAULTS, "imagebuild/keyring", "imagebuild/trusted_keys"})
+# They and their checks come from the settings table (imagebuild.options).
+IMAGEBUILD_KEYS = options.SPEC_KEYS
 DISKIMAGE_TARGETS = frozenset({"diskimage-stage1", "diskimage-stage2"})
-STAGE_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tar.bz2")
 
 _EMPTY: Mapping = MappingProxyType({})
 _COMMENT = re.compile(r"\s*#.*$")  # Catalyst's trailing_comment
@@ -355,70 +343,18 @@ def _unknown_key(draft: _Draft, kernels: set[str], netboot: set[str]) -> str:
     return f"unknown key '{key}': neither a Catalyst key nor an imagebuild/ key"
 
 
-def _choice(*allowed: str) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        return None if value in allowed else f"must be one of: {', '.join(allowed)}"
-    return check
-
-
-def _size(value: str) -> str | None:
-    try:
-        parse_size(value)
-    except ConfigError as exc:
-        return f"{exc.message} ({exc.hint})"
-    return None
-
-
-def _stage(value: str) -> str | None:
-    if value in ("mirror", *STANDIN_SOURCES) or value.endswith(STAGE_SUFFIXES):
-        return None
-    return f"must be mirror, standin, standin-openrc or a stage tarball ({', '.join(STAGE_SUFFIXES)})"
-
-
-def _seconds(value: str) -> str | None:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    return None if math.isfinite(seconds) and seconds > 0 else "must be a number of seconds > 0"
-
-
-def _url(value: str) -> str | None:
-    url = urllib.parse.urlsplit(value)
-    if url.scheme in ("http", "https") and url.netloc or url.scheme == "file" and url.path:
-        return None
-    return "must be an http(s):// or file:// URL, for example https://distfiles.gentoo.org"
-
-
-def _fingerprints(value: str) -> str | None:
-    problems = [p for word in value.split() if (p := fingerprint_problem(word))]
-    if problems:
-        return "; ".join(problems) + " (one word per fingerprint, no spaces inside it)"
-    return None
-
-
-_YES_NO = _choice("yes", "no")
 _VALUE_CHECKS: Mapping[str, Callable[[str], str | None]] = {
-    "target": _choice(*sorted(CATALYST_TARGETS)),
-    "diskimage/type": _choice("console", "cloud-init", "cloudinit"),
+    "target": options.choice(*sorted(CATALYST_TARGETS)),
+    "diskimage/type": options.choice("console", "cloud-init", "cloudinit"),
     "diskimage/qcow2": lambda v: None if v.endswith(".qcow2") else "must end in .qcow2",
-    "diskimage/qcow2_size": _size,
-    "diskimage/qcow2_efisize": _size,
     # Catalyst's create-qcow2.sh can only make XFS too (mkfs.xfs is hard-wired there).
-    "diskimage/qcow2_roottype": _choice("xfs"),
-    "imagebuild/stage": _stage,
-    "imagebuild/sector_size": _choice("512", "4096"),
-    "imagebuild/compression": _choice(*(c.value for c in Compression)),
-    "imagebuild/smoke_test": _YES_NO,
-    "imagebuild/boot_timeout": _seconds,
-    "imagebuild/mirror": _url,
-    "imagebuild/keyring": lambda v: None,
-    "imagebuild/trusted_keys": _fingerprints,
+    "diskimage/qcow2_roottype": options.choice("xfs"),
+    **{key: option.check for key, option in options.BY_SPEC_KEY.items()},
 }
 # Keys whose value is one word; a second word is a mistake, not a list.
 _SINGLE_WORD = frozenset({"subarch", "target", "version_stamp", "rel_type", "profile",
                           "diskimage/type", "diskimage/qcow2", "diskimage/qcow2_roottype",
-                          *(IMAGEBUILD_KEYS - {"imagebuild/trusted_keys"})})
+                          *(IMAGEBUILD_KEYS - options.LIST_SPEC_KEYS)})
 
 
 def _check_values(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]]) -> None:
@@ -431,7 +367,7 @@ def _check_values(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]])
             continue
         check = _VALUE_CHECKS.get(draft.key)
         if check is None and (kernel := _KERNEL_KEY.fullmatch(draft.key)):
-            check = _YES_NO if kernel.group(2) == "distkernel" else None
+            check = options.YES_NO if kernel.group(2) == "distkernel" else None
         if check and (problem := check(value)):
             problems.append((draft.line, f"'{draft.key}: {value}': {problem}"))
 

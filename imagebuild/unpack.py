@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from imagebuild.config import STAGE_SUFFIXES
 from imagebuild.errors import StageError
 from imagebuild.log import logger
 from imagebuild.run import output_stream
-
-SUPPORTED_SUFFIXES = (".tar", ".tar.xz", ".tar.zst", ".tar.gz", ".tgz", ".tar.bz2", ".txz")
 
 _XATTR_PREFIX = "SCHILY.xattr."
 
@@ -151,7 +150,7 @@ def unpack_stage(tarball: Path, root: Path) -> int:
     if not tarball.is_file():
         raise StageError(
             f"stage tarball {tarball} does not exist or is not a file",
-            hint="give the path of a stage3 or seed tarball (.tar, .tar.xz, .tar.zst, .tar.gz, .tar.bz2)",
+            hint=f"give the path of a stage3 or seed tarball ({', '.join(STAGE_SUFFIXES)})",
         )
     root.mkdir(parents=True, exist_ok=True)
     unpacker = _Unpacker(tarball, root)

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from imagebuild.config import Arch, Variant
+from imagebuild import options
+from imagebuild.config import Arch, Companion, Variant
 from imagebuild.errors import CommandError, SmokeTestError
 from imagebuild.imagefs import image_sector_size
 from imagebuild.log import complete_step, logger
@@ -51,7 +52,7 @@ def smoke_test(
     arch: Arch,
     variant: Variant,
     results_dir: Path,
-    boot_timeout: float = 600,
+    boot_timeout: float = float(options.default("boot_timeout")),
     memory: str = "2G",
     cpus: int = 2,
     write_seed: Callable[[Seed, Path], Path] = write_seed_iso,
@@ -192,13 +193,12 @@ def boot_and_check(
 
 def result_paths(image: Path, results_dir: Path) -> dict[str, Path]:
     """Where the files of one run go: ``<results_dir>/<image file name>.<kind>``."""
-    base = image.name
     return {
-        "json": results_dir / f"{base}.smoke.json",
-        "junit": results_dir / f"{base}.smoke.xml",
-        "console": results_dir / f"{base}.console.log",
-        "qemu": results_dir / f"{base}.qemu.log",
-        "screenshot": results_dir / f"{base}.screen.png",
+        "json": Companion.smoke_json.of(image, results_dir),
+        "junit": Companion.smoke_xml.of(image, results_dir),
+        "console": Companion.console_log.of(image, results_dir),
+        "qemu": Companion.qemu_log.of(image, results_dir),
+        "screenshot": Companion.screenshot.of(image, results_dir),
     }
 
 

@@ -167,7 +167,8 @@ def test_a_subkey_fingerprint_does_not_make_its_key_trusted(tmp_path: Path, host
 
 def test_a_key_id_is_not_accepted_as_trusted_key(tmp_path: Path, host: Host, mirror: LoopbackMirror) -> None:
     result = mirror_build(tmp_path, host, mirror, trust=[mirror.key.fingerprint[-16:]])
-    assert f"--trusted-key '{mirror.key.fingerprint[-16:]}' is a key ID, not a fingerprint" in result.error
+    key_id = mirror.key.fingerprint[-16:]
+    assert f"--trusted-key {key_id}: '{key_id}' is a key ID, not a fingerprint" in result.error
     assert mirror.requests == [], "refused before anything is fetched"
 
 

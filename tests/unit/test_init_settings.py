@@ -15,8 +15,10 @@ pytestmark = pytest.mark.unit
 STAMP = "20261204T000000Z"
 
 
-def build(variant: Variant = Variant.console, **overrides: object) -> tuple[str, InitSystem | None, str, str]:
-    config = resolve(Arch.amd64, variant, Overrides(stamp=STAMP, **overrides))  # type: ignore[arg-type]
+def build(variant: Variant = Variant.console, *, stage: str | None = None, spec: Path | None = None,
+          init: InitSystem | None = None) -> tuple[str, InitSystem | None, str, str]:
+    settings = {"stage": stage} if stage else {}
+    config = resolve(Arch.amd64, variant, Overrides(stamp=STAMP, spec=spec, init=init, settings=settings))
     assert config.spec_path is not None
     return config.stage, config.init, config.spec_path.name, config.image_name
 
@@ -29,7 +31,7 @@ def test_the_shipped_systemd_spec_by_default() -> None:
 @pytest.mark.parametrize("how", [{"stage": "standin-openrc"}, {"stage": "standin", "init": InitSystem.openrc},
                                  {"init": InitSystem.openrc}])
 def test_openrc_picks_the_openrc_spec_and_stand_in(how: dict[str, object]) -> None:
-    stage, init, spec, image = build(Variant.cloudinit, **how)
+    stage, init, spec, image = build(Variant.cloudinit, **how)  # type: ignore[arg-type]
     assert (init, spec, image) == (InitSystem.openrc, "cloud-init-openrc.spec",
                                    f"di-amd64-cloudinit-openrc-{STAMP}.qcow2")
     assert stage == ("mirror" if "stage" not in how else "standin-openrc")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
+from imagebuild.cli import _given_settings, _parser
 from imagebuild.config import Arch, Variant
 from imagebuild.errors import ConfigError, SpecError, StageError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, fingerprint_problem, normalize_fingerprint
@@ -53,6 +55,11 @@ def test_trusted_keys_default_to_gentoos_release_key(tmp_path: Path) -> None:
     assert config.allow_older_stage is False
 
 
+def _build_args(*flags: str) -> argparse.Namespace:
+    """The build command's arguments, as the command line parses them."""
+    return _parser().parse_args(["build", "amd64", "console", *flags])
+
+
 def test_trusted_keys_from_the_spec(tmp_path: Path) -> None:
     spec = spec_file(tmp_path, f"imagebuild/trusted_keys: {OTHER.lower()}\n    {GENTOO_RELEASE_KEY_FINGERPRINT}\n")
     config = resolve(Arch.amd64, Variant.console, Overrides(spec=spec, stamp="20261124T000000Z"))
@@ -61,16 +68,17 @@ def test_trusted_keys_from_the_spec(tmp_path: Path) -> None:
 
 def test_command_line_trusted_keys_replace_the_spec_s(tmp_path: Path) -> None:
     spec = spec_file(tmp_path, f"imagebuild/trusted_keys: {OTHER}\n")
-    config = resolve(Arch.amd64, Variant.console, Overrides(spec=spec, stamp="20261124T000000Z",
-                                                            trusted_keys=(GENTOO_SPACED, GENTOO_SPACED),
-                                                            allow_older_stage=True))
+    config = resolve(Arch.amd64, Variant.console, Overrides(
+        spec=spec, stamp="20261124T000000Z", allow_older_stage=True,
+        settings=_given_settings(_build_args("--trusted-key", GENTOO_SPACED, "--trusted-key", GENTOO_SPACED))))
     assert config.trusted_keys == (GENTOO_RELEASE_KEY_FINGERPRINT,)
     assert config.allow_older_stage is True
 
 
 def test_a_key_id_on_the_command_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--trusted-key 'BB572E0E2D182910' is a key ID"):
-        resolve(Arch.amd64, Variant.console, Overrides(spec=spec_file(tmp_path), trusted_keys=("BB572E0E2D182910",)))
+    with pytest.raises(ConfigError, match="--trusted-key BB572E0E2D182910: 'BB572E0E2D182910' is a key ID"):
+        resolve(Arch.amd64, Variant.console, Overrides(
+            spec=spec_file(tmp_path), settings=_given_settings(_build_args("--trusted-key", "BB572E0E2D182910"))))
 
 
 def test_spec_trusted_keys_are_checked_with_their_line() -> None:

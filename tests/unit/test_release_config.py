@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.config import Arch, Compression, ImageKind, InitSystem, Variant
+from imagebuild.config import Arch, ImageKind, InitSystem, Variant
 from imagebuild.errors import ConfigError
 from imagebuild.publish import (
     ImageResult,
@@ -65,7 +65,7 @@ def test_minimal_config_takes_gentoo_defaults(tmp_path: Path) -> None:
     assert config.architectures == (Arch.amd64, Arch.arm64)
     assert config.variants == (CONSOLE, CLOUD)
     assert config.stages == {(arch, init): "mirror" for arch in Arch for init in InitSystem}
-    assert config.keep == 4 and config.compression is Compression.zlib and config.sign is None
+    assert config.keep == 4 and config.settings == {} and config.sign is None, "the builds take the defaults"
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -90,14 +90,15 @@ def test_full_config(tmp_path: Path) -> None:
         "amd64/console-openrc" = "specs/console-openrc.spec"
     """))
     assert config.variants == (CLOUD, CONSOLE_OPENRC, CLOUD_OPENRC), "Catalyst's spelling cloudinit is accepted"
-    assert config.keep == 2 and config.compression is Compression.zstd and config.sign == "0x1234ABCD"
-    assert config.work_dir == tmp_path / "work" and config.keyring == tmp_path / "keys/gentoo.gpg"
+    assert config.keep == 2 and config.sign == "0x1234ABCD"
+    assert config.settings == {"compression": "zstd", "work_dir": str(tmp_path / "work"),
+                               "cache_dir": "/var/cache/imagebuild", "mirror": "http://127.0.0.1:8080",
+                               "keyring": str(tmp_path / "keys/gentoo.gpg"), "boot_timeout": "900"}
     assert config.stages == {(Arch.arm64, InitSystem.systemd): str(tmp_path / "stages/seed.tar.xz"),
                              (Arch.arm64, InitSystem.openrc): str(tmp_path / "stages/seed-openrc.tar.xz")}, \
         "stages only for the architectures the release builds"
     assert config.specs == {(Arch.arm64, CLOUD): tmp_path / "specs/cloud.spec",
                             (Arch.amd64, CONSOLE_OPENRC): tmp_path / "specs/console-openrc.spec"}
-    assert config.boot_timeout == 900.0
 
 
 def test_shipped_config_is_valid() -> None:
@@ -151,7 +152,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "amd64/console-runit" = "x.spec"
     """)
     for part in ("unknown key 'colour'", "'output' is missing", "'architectures' must be a non-empty list",
-                 "unknown image variant 'desktop'", "'compression' must be zlib or zstd",
+                 "unknown image variant 'desktop'", "'compression' must be one of: zlib, zstd, not 'lz4'",
                  "[stages] 'sparc' is not ARCH or ARCH/INIT", "[stages] 'amd64/upstart' is not ARCH or ARCH/INIT",
                  "[specs] 'amd64' is not ARCH/VARIANT", "[specs] 'amd64/console-runit' is not ARCH/VARIANT"):
         assert part in message

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from imagebuild.errors import SpecError
+from imagebuild.options import OPTIONS
 from imagebuild.spec import (
     CATALYST_KEYS,
-    IMAGEBUILD_DEFAULTS,
+    IMAGEBUILD_KEYS,
     Spec,
     SpecEntry,
     load_spec,
@@ -307,7 +308,7 @@ def test_netboot_files_need_the_package_listed() -> None:
         ("diskimage/qcow2_efisize: 512 potatoes", "cannot read size '512 potatoes'"),
         ("diskimage/qcow2_roottype: btrfs", "must be one of: xfs"),
         ("boot/kernel/gentoo/distkernel: true", "must be one of: yes, no"),
-        ("imagebuild/stage: stage3.zip", "must be mirror, standin, standin-openrc or a stage tarball"),
+        ("imagebuild/stage: stage3.zip", "must be mirror, standin, standin-systemd, standin-openrc or a stage tarball"),
         ("imagebuild/sector_size: 2048", "must be one of: 512, 4096"),
         ("imagebuild/compression: xz", "must be one of: zlib, zstd"),
         ("imagebuild/smoke_test: true", "must be one of: yes, no"),
@@ -408,7 +409,9 @@ def test_shipped_specs(arch: str, variant: str, file_part: str, init: str) -> No
     assert spec.get("diskimage/qcow2_efisize") == "512MiB"
     assert spec.get("diskimage/qcow2_roottype") == "xfs"
     assert spec.get_list("boot/kernel") == ["gentoo"]
-    assert {k: spec.get(k) for k in IMAGEBUILD_DEFAULTS} == dict(IMAGEBUILD_DEFAULTS)
+    # The shipped specs show every imagebuild/ key that has a default, with that default.
+    defaults = {o.spec_key: o.default for o in OPTIONS if o.spec_key in IMAGEBUILD_KEYS and o.default}
+    assert {k: spec.get(k) for k in defaults} == defaults
     assert spec.get("imagebuild/stage") == "mirror"
 
 
