@@ -8,11 +8,15 @@ import signal
 import traceback
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from imagebuild import __version__, options
 from imagebuild.config import Arch, Companion, InitSystem, Variant
 from imagebuild.errors import ImagebuildError, Interrupted
 from imagebuild.log import logger, setup_logging, step_error
+
+if TYPE_CHECKING:
+    from imagebuild.smoketest import SmokeResult
 
 EXIT_FAILED = 1  # the image was made or tested and did not pass
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in imagebuild, not bad input
@@ -155,7 +159,7 @@ def _placeholders(items: list[str]) -> list[tuple[str, str]]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from imagebuild.build import build_image
+    from imagebuild.product import make_image
     from imagebuild.settings import Overrides, resolve
 
     placeholders = _placeholders(args.set)
@@ -166,22 +170,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
                   output_dir=args.output, stamp=args.stamp, placeholders=tuple(placeholders),
                   init=InitSystem(args.init) if args.init else None),
     )
-    image = build_image(config, keep_workspace=args.keep_workspace)
-    audit = _inspect(image, config.arch, config.variant,
-                     Companion.inspect.of(image), work_dir=config.work_dir)
-    if not config.smoke_test:
-        return audit
-    if audit != 0:
-        # As the release job does: an image that fails its audit is not booted.
-        logger.error("✗ not boot-testing %s: it failed its audit", image.name)
-        return audit
-    return _smoke(image, config.arch, config.variant, config.output_dir, config.boot_timeout)
+    product = make_image(config, keep_workspace=args.keep_workspace)
+    print(product.report.table())
+    if product.smoke is None:
+        return 0 if product.passed else EXIT_FAILED
+    return _smoke_verdict(product.image, product.smoke)
 
 
-def _smoke(image: Path, arch: Arch, variant: Variant, results: Path, timeout: float) -> int:
-    from imagebuild.smoketest import smoke_test
-
-    result = smoke_test(image, arch=arch, variant=variant, results_dir=results, boot_timeout=timeout)
+def _smoke_verdict(image: Path, result: SmokeResult) -> int:
     if result.passed:
         logger.info("✓ smoke test passed: %s", image.name)
         return 0
@@ -209,8 +205,12 @@ def _image_identity(image: Path, arch: str | None, variant: str | None) -> tuple
 
 
 def _cmd_smoke_test(args: argparse.Namespace) -> int:
+    from imagebuild.smoketest import smoke_test
+
     arch, variant = _image_identity(args.image, args.arch, args.variant)
-    return _smoke(args.image, arch, variant, args.results or args.image.resolve().parent, args.boot_timeout)
+    result = smoke_test(args.image, arch=arch, variant=variant, results_dir=args.results or args.image.resolve().parent,
+                        boot_timeout=args.boot_timeout)
+    return _smoke_verdict(args.image, result)
 
 
 def _inspect(image: Path, arch: Arch, variant: Variant, json_path: Path | None = None,

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import time
 import tomllib
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from imagebuild import options
 from imagebuild.config import STANDIN_SOURCES, Arch, BuildConfig, Companion, ImageKind, InitSystem
 from imagebuild.errors import ConfigError, ImagebuildError
-from imagebuild.log import STEP_TIMINGS, complete_step, logger
+from imagebuild.log import logger
 from imagebuild.publish import (
     ImageResult,
     assemble,
@@ -238,7 +237,7 @@ def build_arch(configs: list[BuildConfig]) -> list[ImageResult]:
     try:
         with shared_stage(configs[0]) as shared:
             for config in configs:
-                results[config.image_name] = make_image(config, shared)
+                results[config.image_name] = release_image(config, shared)
     except (ImagebuildError, OSError) as exc:
         # The stage itself could not be had (mirror down, bad tarball): no image of this arch.
         logger.error("✗ the %s stage failed: %s", configs[0].arch, exc)
@@ -248,31 +247,19 @@ def build_arch(configs: list[BuildConfig]) -> list[ImageResult]:
     return [results[c.image_name] for c in configs]
 
 
-def make_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
-    """Build, inspect and boot-test one image into ``config.output_dir``."""
-    from imagebuild.build import build_image
-    from imagebuild.inspect import inspect_image
-    from imagebuild.smoketest import smoke_test
+def release_image(config: BuildConfig, shared: SharedStage) -> ImageResult:
+    """Make one image into ``config.output_dir`` (imagebuild.product) and record what happened."""
+    from imagebuild.product import make_image
 
     result = ImageResult(arch=config.arch, variant=config.variant, init=config.kind.init, image=config.image_name)
     image = config.image_path
     with _build_log(Companion.build_log.of(image)):
         try:
-            started = time.monotonic()
-            STEP_TIMINGS.clear()  # the manifest's step timings are this build's alone
-            build_image(config, shared=shared)
-            result.build_seconds = round(time.monotonic() - started, 1)
-            result.size = image.stat().st_size
-            with complete_step(f"Inspecting {image.name}"):
-                report = inspect_image(image, config.arch, config.variant, work_dir=config.work_dir)
-                Companion.inspect.of(image).write_text(report.to_json())
-            if not report.passed:
-                result.reason = "inspect failed: " + ", ".join(c.name for c in report.failed())
-            else:
-                smoke = smoke_test(image, arch=config.arch, variant=config.variant,
-                                   results_dir=config.output_dir, boot_timeout=config.boot_timeout)
-                result.boot_seconds = smoke.total_seconds
-                result.passed, result.reason = smoke.passed, "" if smoke.passed else f"smoke test: {smoke.reason}"
+            product = make_image(config, shared=shared)
+            result.build_seconds, result.size = product.build_seconds, image.stat().st_size
+            result.passed, result.reason = product.passed, product.reason
+            if product.smoke is not None:
+                result.boot_seconds = product.smoke.total_seconds
                 _relative_paths(Companion.smoke_json.of(image))
         except (ImagebuildError, OSError) as exc:
             result.reason = _first_line(exc)
