@@ -64,16 +64,12 @@ BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup"
 
 @dataclasses.dataclass
 class Context:
+    """The build's inputs and where it works; what the steps find, they return."""
+
     config: BuildConfig
     workspace: Path
     stack: contextlib.ExitStack
-    stage_tarball: Path | None = None
-    init: InitSystem | None = None
-    kernel: Kernel | None = None
-    disk: DiskLayout | None = None
-    ids: Identifiers | None = None
     outputs: dict[Path, Path] = dataclasses.field(default_factory=dict)  # final path -> temporary path
-    shared: SharedStage | None = None  # an unpacked stage several builds of one arch share
 
     @property
     def root(self) -> Path:
@@ -111,40 +107,37 @@ def check_prerequisites(config: BuildConfig) -> None:
                           hint="remove it, choose another --output, or give another --stamp")
 
 
-def acquire_stage(ctx: Context) -> None:
-    source = ctx.config.stage
+def acquire_stage(config: BuildConfig) -> Path:
+    """The stage tarball: the stand-in, a verified download from the mirror, or a local file."""
+    source = config.stage
     if source in STANDIN_SOURCES:
-        ctx.stage_tarball = standin.ensure_standin(ctx.config.arch, ctx.config.cache_dir, STANDIN_SOURCES[source])
-    elif source == "mirror":
-        assert ctx.config.flavour is not None
+        return standin.ensure_standin(config.arch, config.cache_dir, STANDIN_SOURCES[source])
+    if source == "mirror":
+        assert config.flavour is not None  # settings.resolve sets it for every mirror build
         # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
-        ctx.stage_tarball = fetch_stage(ctx.config.mirror, ctx.config.arch, ctx.config.flavour,
-                                        ctx.config.cache_dir, keyring=ctx.config.keyring,
-                                        trusted_keys=ctx.config.trusted_keys,
-                                        allow_older=ctx.config.allow_older_stage,
-                                        progress=sys.stderr.isatty())
-    else:
-        path = Path(source).expanduser().resolve()
-        if not path.is_file():
-            raise StageError(
-                f"stage tarball {path} does not exist",
-                hint="give the path of a stage tarball, or --stage standin for the offline stand-in",
-            )
-        ctx.stage_tarball = path
+        return fetch_stage(config.mirror, config.arch, config.flavour, config.cache_dir, keyring=config.keyring,
+                           trusted_keys=config.trusted_keys, allow_older=config.allow_older_stage,
+                           progress=sys.stderr.isatty())
+    path = Path(source).expanduser().resolve()
+    if not path.is_file():
+        raise StageError(
+            f"stage tarball {path} does not exist",
+            hint="give the path of a stage tarball, or --stage standin for the offline stand-in",
+        )
+    return path
 
 
-def unpack(ctx: Context) -> None:
-    if ctx.shared is not None:
-        ctx.stage_tarball = ctx.shared.tarball
-        with complete_step(f"Copying the shared unpacked {ctx.shared.tarball.name}"):
-            # cp -a keeps owners, modes, xattrs and hardlinks; reflinks make it nearly free on XFS.
-            ctx.root.mkdir()
-            run(["cp", "-a", "--reflink=auto", f"{ctx.shared.tree}/.", ctx.root])
-        return
-    assert ctx.stage_tarball is not None
-    with complete_step(f"Unpacking {ctx.stage_tarball.name}"):
-        count = unpack_stage(ctx.stage_tarball, ctx.root)
+def unpack(ctx: Context, tarball: Path) -> None:
+    with complete_step(f"Unpacking {tarball.name}"):
+        count = unpack_stage(tarball, ctx.root)
         logger.info("  %d entries", count)
+
+
+def copy_shared(ctx: Context, shared: SharedStage) -> None:
+    with complete_step(f"Copying the shared unpacked {shared.tarball.name}"):
+        # cp -a keeps owners, modes, xattrs and hardlinks; reflinks make it nearly free on XFS.
+        ctx.root.mkdir()
+        run(["cp", "-a", "--reflink=auto", f"{shared.tree}/.", ctx.root])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,53 +156,62 @@ def shared_stage(config: BuildConfig) -> Iterator[SharedStage]:
     with contextlib.ExitStack() as stack:
         workspace = stack.enter_context(Workspace(config.work_dir, f"stage-{config.arch.value}"))
         ctx = Context(config=config, workspace=workspace, stack=stack)
-        acquire_stage(ctx)
-        unpack(ctx)
-        assert ctx.stage_tarball is not None
-        yield SharedStage(tarball=ctx.stage_tarball, tree=ctx.root)
+        tarball = acquire_stage(config)
+        unpack(ctx, tarball)
+        yield SharedStage(tarball=tarball, tree=ctx.root)
 
 
-def inspect_stage(ctx: Context) -> None:
-    """What the image needs from the stage: a kernel, GRUB modules, a runnable userland."""
+@dataclasses.dataclass(frozen=True)
+class StageFacts:
+    """What the unpacked stage turned out to hold."""
+
+    tarball: Path
+    kernel: Kernel
+    init: InitSystem
+    stand_in: bool
+
+
+def inspect_stage(ctx: Context, tarball: Path) -> StageFacts:
+    """What the image needs from the stage: a kernel, GRUB modules, a runnable userland, the
+    init the spec expects and what the variant needs of it — all before anything is written."""
     tree = ctx.tree
     check_stage_arch(tree, ctx.config.arch)
-    ctx.kernel = find_kernel(tree)
+    kernel = find_kernel(tree)
     grub_module_dir(tree, ctx.config.arch)
     check_can_execute(ctx.config.arch)
-    ctx.init = detect_init(tree)
+    init = detect_init(tree)
     expected = ctx.config.init
-    if expected is not None and ctx.init != expected:
+    if expected is not None and init != expected:
         raise StageError(
-            f"the stage runs {ctx.init.value}, but {ctx.config.init_source} asks for {expected.value}",
-            hint=f"use a {expected.value} stage, or a spec for {ctx.init.value} "
+            f"the stage runs {init.value}, but {ctx.config.init_source} asks for {expected.value}",
+            hint=f"use a {expected.value} stage, or a spec for {init.value} "
             f"(the shipped ones: specs/ARCH/VARIANT.spec for systemd, VARIANT-openrc.spec for OpenRC)",
         )
-    check_init_files(tree, ctx.init, ctx.config.variant)
+    check_init_files(tree, init, ctx.config.variant)
     stand_in = tree.lexists("/etc/imagebuild-standin")
-    logger.info("  kernel %s%s, init %s%s", ctx.kernel.version,
-                f" with {ctx.kernel.initrd}" if ctx.kernel.initrd else " (no initramfs)",
-                ctx.init.value, " — STAND-IN stage (Debian), not Gentoo" if stand_in else "")
+    logger.info("  kernel %s%s, init %s%s", kernel.version,
+                f" with {kernel.initrd}" if kernel.initrd else " (no initramfs)",
+                init.value, " — STAND-IN stage (Debian), not Gentoo" if stand_in else "")
+    return StageFacts(tarball=tarball, kernel=kernel, init=init, stand_in=stand_in)
 
 
-def configure(ctx: Context) -> None:
+def configure(ctx: Context, init: InitSystem) -> None:
     config = ctx.config
-    assert ctx.init is not None
     with complete_step(f"Configuring the {config.variant.value} variant"):
         write_system_files(ctx.tree, config.arch, config.variant, config.layout)
         if config.variant == Variant.console:
-            configure_console(ctx.tree, config.arch, ctx.init)
+            configure_console(ctx.tree, config.arch, init)
         else:
-            configure_cloudinit(ctx.tree, config.arch, ctx.init, config.image_name)
+            configure_cloudinit(ctx.tree, config.arch, init, config.image_name)
         if config.spec is not None:
             # Catalyst's diskimage-stage2 keys, after the variant (as diskimagefs-update.sh runs first).
-            apply_stage2_keys(ctx.tree, config.spec, config.arch, ctx.init)
+            apply_stage2_keys(ctx.tree, config.spec, config.arch, init)
 
 
-def install_bootloader(ctx: Context) -> None:
-    assert ctx.kernel is not None and ctx.ids is not None
+def install_bootloader(ctx: Context, kernel: Kernel, ids: Identifiers) -> None:
     with complete_step(f"Installing GRUB ({ctx.config.arch.efi_binary})"):
         move_boot_to_esp(ctx.tree, ctx.esp)
-        install_grub(ctx.tree, ctx.esp, ctx.config.arch, ctx.kernel, esp_uuid=ctx.ids.esp_uuid,
+        install_grub(ctx.tree, ctx.esp, ctx.config.arch, kernel, esp_uuid=ids.esp_uuid,
                      image_name=ctx.config.image_name, root_label=ctx.config.layout.root_label,
                      root_fstype=ctx.config.layout.root_fstype,
                      cmdline=kernel_cmdline(ctx.config.arch, ctx.config.variant))
@@ -220,21 +222,21 @@ def clean(ctx: Context) -> None:
         clean_tree(ctx.tree)
 
 
-def make_disk(ctx: Context) -> None:
-    config, ids = ctx.config, ctx.ids
-    assert ids is not None
+def make_disk(ctx: Context, ids: Identifiers) -> DiskLayout:
+    config = ctx.config
     root_bytes = tree_size(ctx.root)  # walked once: the free-space check and make_root use it
     check_free_space(ctx.workspace, root_bytes + tree_size(ctx.esp))
     sectors = f"GPT, {config.layout.sector_size}-byte sectors"
     with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image ({sectors})"):
-        ctx.disk = partition_image(ctx.raw, config.layout, config.arch, ids)
+        disk = partition_image(ctx.raw, config.layout, config.arch, ids)
     with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
-        make_esp(ctx.raw, ctx.disk.esp, config.layout, ids, ctx.esp)
+        make_esp(ctx.raw, disk.esp, config.layout, ids, ctx.esp)
     with complete_step("Making and filling the XFS root"):
-        make_root(ctx.raw, ctx.disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt", root_bytes)
+        make_root(ctx.raw, disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt", root_bytes)
+    return disk
 
 
-def write_outputs(ctx: Context) -> None:
+def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers) -> None:
     config = ctx.config
     image = config.image_path
     names = {
@@ -256,16 +258,15 @@ def write_outputs(ctx: Context) -> None:
             names["contents"].name: file_digests(ctx.outputs[names["contents"]]),
         }
         ctx.outputs[names["digests"]].write_text(digests_text(digests))
-        write_json(_manifest(ctx, digests), ctx.outputs[names["manifest"]])
+        write_json(_manifest(ctx.config, stage, ids, digests), ctx.outputs[names["manifest"]])
     # The image last: whoever sees it under its final name also finds its companions.
     for final in sorted(ctx.outputs, key=lambda p: p == image):
         ctx.outputs[final].rename(final)
     logger.info("✓ %s (%.0f MiB)", image, image.stat().st_size / 2**20)
 
 
-def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, object]:
-    config = ctx.config
-    assert ctx.kernel is not None and ctx.ids is not None and ctx.stage_tarball is not None
+def _manifest(config: BuildConfig, stage: StageFacts, ids: Identifiers,
+              digests: dict[str, dict[str, str]]) -> dict[str, object]:
     return {
         "imagebuild": __version__,
         "image": config.image_name,
@@ -275,14 +276,14 @@ def _manifest(ctx: Context, digests: dict[str, dict[str, str]]) -> dict[str, obj
         "spec": str(config.spec_path) if config.spec_path else None,
         "stage": {
             "source": config.stage if config.stage in ("mirror", *STANDIN_SOURCES) else "local",
-            "file": ctx.stage_tarball.name,
-            "size": ctx.stage_tarball.stat().st_size,
-            "stand_in": config.stage in STANDIN_SOURCES,
+            "file": stage.tarball.name,
+            "size": stage.tarball.stat().st_size,
+            "stand_in": stage.stand_in,
         },
-        "init": ctx.init.value if ctx.init else None,
-        "kernel": dataclasses.asdict(ctx.kernel),
+        "init": stage.init.value,
+        "kernel": dataclasses.asdict(stage.kernel),
         "layout": dataclasses.asdict(config.layout),
-        "identifiers": dataclasses.asdict(ctx.ids),
+        "identifiers": dataclasses.asdict(ids),
         "compression": config.compression.value,
         "digests": digests,
         "tools": tool_versions(),
@@ -299,17 +300,20 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: Sh
         workspace = stack.enter_context(Workspace(config.work_dir, f"build-{config.arch.value}-"
                                                   f"{config.variant.file_part}", keep=keep_workspace))
         note_resource("outputs", lock)
-        ctx = Context(config=config, workspace=workspace, stack=stack,
-                      ids=Identifiers.make(config.image_name), shared=shared)
+        ctx = Context(config=config, workspace=workspace, stack=stack)
+        ids = Identifiers.make(config.image_name)
         if shared is None:
-            acquire_stage(ctx)
-        unpack(ctx)
-        inspect_stage(ctx)
-        configure(ctx)
-        install_bootloader(ctx)
+            tarball = acquire_stage(config)
+            unpack(ctx, tarball)
+        else:
+            tarball = shared.tarball
+            copy_shared(ctx, shared)
+        stage = inspect_stage(ctx, tarball)
+        configure(ctx, stage.init)
+        install_bootloader(ctx, stage.kernel, ids)
         clean(ctx)
-        make_disk(ctx)
-        write_outputs(ctx)
+        make_disk(ctx, ids)
+        write_outputs(ctx, stage, ids)
     if not config.image_path.exists():
         raise ImageError(f"the build ended without {config.image_path}")
     return config.image_path
