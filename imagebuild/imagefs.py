@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imagebuild import options
 from imagebuild.errors import ImagebuildError
-from imagebuild.mounts import mounted, note_resource
+from imagebuild.mounts import LoopDevice, mounted
 from imagebuild.run import run
 from imagebuild.workspace import Workspace
 
@@ -99,13 +99,6 @@ def _partition_table(disk: str, name: str) -> tuple[str, list[GptPartition]]:
     return table["id"], parts
 
 
-def _read_only_loop(stack: contextlib.ExitStack, raw: Path, sector: int, *, offset: int = 0,
-                    size: int | None = None) -> str:
-    cmd = ["losetup", "--find", "--show", "--read-only", "--sector-size", str(sector), "--offset", str(offset)]
-    loop = run([*cmd, *(["--sizelimit", str(size)] if size else []), raw]).stdout.decode().strip()
-    note_resource("loops", Path(loop))
-    stack.callback(run, ["losetup", "--detach", loop], check=False)
-    return loop
 
 
 DEFAULT_WORK_DIR = Path(options.default("work_dir"))
@@ -127,10 +120,12 @@ def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR) -> Iterator[Opene
         run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
         with open(raw, "rb") as f:
             sector = gpt_sector_size(f.read(2 * max(SECTOR_SIZES))) or 512
-        disk_guid, parts = _partition_table(_read_only_loop(stack, raw, sector), image.name)
+        disk = stack.enter_context(LoopDevice(raw, sector_size=sector, read_only=True))
+        disk_guid, parts = _partition_table(str(disk), image.name)
         if len(parts) < 2:
             raise ImagebuildError(f"{image.name}: expected an ESP and a root partition, found {len(parts)}")
         root = parts[1]
-        loop = _read_only_loop(stack, raw, sector, offset=root.start * sector, size=root.size * sector)
+        loop = stack.enter_context(LoopDevice(raw, sector_size=sector, read_only=True, offset=root.start * sector,
+                                               size=root.size * sector))
         mnt = stack.enter_context(mounted(loop, work / "root", options="ro,norecovery"))
         yield OpenedImage(raw=raw, sector_size=sector, disk_guid=disk_guid, partitions=parts, root=mnt)

@@ -106,25 +106,30 @@ def mounted(
             if run(["umount", point], check=False).returncode != 0:
                 logger.warning("could not unmount %s; detaching it lazily", point)
         if mounts_below(target):
+            logger.warning("could not unmount everything below %s; detaching it lazily", target)
             run(["umount", "--lazy", target], check=False)
 
 
 class LoopDevice:
     """A loop device over a byte range of a file; leaving the block detaches it."""
 
-    def __init__(self, backing: Path, *, offset: int = 0, size: int | None = None, sector_size: int = 512):
+    def __init__(self, backing: Path, *, offset: int = 0, size: int | None = None, sector_size: int = 512,
+                 read_only: bool = False):
         self.backing = backing
         self.offset = offset
         self.size = size
         self.sector_size = sector_size
+        self.read_only = read_only
         self.device: Path | None = None
 
     def __enter__(self) -> Path:
         cmd: list[str | Path] = ["losetup", "--find", "--show", "--offset", str(self.offset)]
-        if self.size is not None:
+        if self.size:
             cmd += ["--sizelimit", str(self.size)]
         if self.sector_size != 512:
             cmd += ["--sector-size", str(self.sector_size)]
+        if self.read_only:
+            cmd += ["--read-only"]
         cmd += [self.backing]
         self.device = Path(run(cmd).stdout.decode().strip())
         note_resource("loops", self.device)

@@ -127,12 +127,12 @@ def run(
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        _stop(proc)
+        stop(proc)
         raise CommandError(f"command timed out after {timeout}s: {shlex.join(argv)}") from exc
     except BaseException:
         # Interrupted (SIGINT/SIGTERM): let the child clean up after itself (mmdebstrap
         # unmounts its chroot on SIGTERM), then make sure it is gone.
-        _stop(proc)
+        stop(proc)
         raise
     result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and result.returncode != 0:
@@ -160,17 +160,32 @@ def output_stream(cmd: Sequence[str | os.PathLike[str]]) -> Iterator[IO[bytes]]:
         yield proc.stdout
     finally:
         proc.stdout.close()
-        _stop(proc, grace=5.0)
+        stop(proc, grace=5.0)
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    if proc.poll() is None:
+def spawn(cmd: Sequence[str | os.PathLike[str]], *, stdout: IO[bytes] | int | None = subprocess.DEVNULL,
+          stdin: int | None = subprocess.DEVNULL, new_session: bool = False,
+          death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+    """Start a long-running program (QEMU) and return it; logged like run(). Its stderr goes
+    with its stdout (None: both stay this terminal's). It gets ``death_signal`` when imagebuild
+    dies; end it with stop()."""
+    argv = [os.fspath(arg) for arg in cmd]
+    argv[0] = find_tool(argv[0]) if "/" not in argv[0] else argv[0]
+    logger.debug("+ %s", shlex.join(argv))
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout,
+                            stderr=subprocess.STDOUT if stdout is not None else None,
+                            start_new_session=new_session, preexec_fn=die_with_parent(death_signal))
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """End ``proc``: SIGTERM, ``grace`` seconds to exit (0: none), then SIGKILL; always reaped."""
+    if proc.poll() is None and grace > 0:
         proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def _indent(text: str, limit: int = 40) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import platform
 import shlex
@@ -29,7 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from imagebuild.config import Arch
 from imagebuild.errors import SmokeTestError
 from imagebuild.log import logger
-from imagebuild.run import find_tool, run
+from imagebuild.run import find_tool, run, spawn, stop
 from imagebuild.smoketest.firmware import MACHINE_ALIAS, Firmware
 
 # What QMP raises once QEMU has gone away; after a power-off that is the expected end.
@@ -80,9 +79,8 @@ def _probe_kvm(arch: Arch, firmware: Firmware | None) -> bool:
         cmd += ["-chardev", f"socket,id=qmp0,path={escape(qmp_path)}",
                 "-mon", "chardev=qmp0,mode=control"]
         qmp = QEMUMonitorProtocol(str(qmp_path), server=True)
-        logger.debug("+ %s", shlex.join(cmd))
         with open(Path(tmp) / "qemu.log", "wb") as log:
-            proc = _popen(cmd, log)
+            proc = _spawn_qemu(cmd, log)
         try:
             # Dying at once (an MSR KVM refuses) ends the probe here; a guest that stops
             # with "KVM internal error" stays alive but reports a status other than running.
@@ -99,7 +97,7 @@ def _probe_kvm(arch: Arch, firmware: Firmware | None) -> bool:
         finally:
             with contextlib.suppress(*QMP_GONE):
                 qmp.close()
-            _kill(proc)
+            stop(proc, grace=0)
         output = (Path(tmp) / "qemu.log").read_text(errors="replace").strip()
     logger.debug("KVM probe: guest status %s; QEMU said: %s", status, output or "(nothing)")
     return status == "running"
@@ -212,9 +210,8 @@ class QemuMachine:
             self.command = self.build_command(self._tmp)
             # QMP: we listen, QEMU connects as a client as soon as it parses -chardev.
             self._qmp = QEMUMonitorProtocol(str(self._tmp / "qmp.sock"), server=True)
-            logger.debug("+ %s", shlex.join(self.command))
             with open(self.qemu_log, "wb") as log:
-                self._proc = _popen(self.command, log)
+                self._proc = _spawn_qemu(self.command, log)
             self._serial = self._connect_serial(self._tmp / "serial.sock")
             self._qmp.accept(timeout=LAUNCH_TIMEOUT)
             self._qmp.settimeout(30)
@@ -228,7 +225,7 @@ class QemuMachine:
         except BaseException as exc:
             # Nothing of the guest is worth a polite shutdown yet.
             if self._proc is not None:
-                _kill(self._proc)
+                stop(self._proc, grace=0)
             self._cleanup()
             if isinstance(exc, Exception) and not isinstance(exc, SmokeTestError):
                 raise self._launch_error(f"{type(exc).__name__}: {exc}") from exc
@@ -251,7 +248,7 @@ class QemuMachine:
 
     def _launch_error(self, what: str) -> SmokeTestError:
         if self._proc is not None and self._proc.poll() is None:
-            _kill(self._proc)
+            stop(self._proc, grace=0)
         output = _read_text(self.qemu_log).strip() or "(no output)"
         return SmokeTestError(
             f"QEMU did not start ({what})\n  command: {shlex.join(self.command)}\n"
@@ -347,7 +344,7 @@ class QemuMachine:
         finally:
             # Also reached on KeyboardInterrupt half-way through the polite steps.
             if self._proc is not None:
-                _kill(self._proc)
+                stop(self._proc, grace=0)
             self._cleanup()
 
     def _qmp_quietly(self, command: str) -> None:
@@ -438,23 +435,10 @@ def escape(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def _set_parent_death_signal() -> None:
-    # If Python dies without running our cleanup (SIGKILL, crash), QEMU must die too.
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _popen(cmd: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        list(cmd),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # Own session: a ^C on the terminal reaches us, and we shut QEMU down in order.
-        start_new_session=True,
-        preexec_fn=_set_parent_death_signal,
-    )
+def _spawn_qemu(cmd: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    # Own session: a ^C on the terminal reaches us, and we shut QEMU down in order. If Python
+    # dies without running our cleanup (SIGKILL, crash), QEMU dies too.
+    return spawn(cmd, stdout=log, new_session=True, death_signal=signal.SIGKILL)
 
 
 def run_qemu(command: Sequence[str]) -> int:
@@ -463,24 +447,12 @@ def run_qemu(command: Sequence[str]) -> int:
     On SIGINT/SIGTERM here, QEMU gets SIGTERM first: it exits cleanly and gives the
     terminal back out of raw mode, which a SIGKILL would not.
     """
-    logger.debug("+ %s", shlex.join(command))
-    proc = subprocess.Popen(list(command), preexec_fn=_set_parent_death_signal)
+    proc = spawn(command, stdout=None, stdin=None, death_signal=signal.SIGKILL)
     try:
         return proc.wait()
     except BaseException:
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        _kill(proc)
+        stop(proc, grace=10)
         raise
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
 
 
 def _read_text(path: Path) -> str:
