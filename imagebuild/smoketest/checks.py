@@ -270,8 +270,9 @@ def check_sshd_listening(session: GuestSession) -> tuple[bool, str]:
     result = session.run(
         "if command -v ss >/dev/null 2>&1; then ss -Htln; else awk 'FNR > 1 && $4 == \"0A\"'"
         " /proc/net/tcp /proc/net/tcp6 2>/dev/null; fi")
-    ports = [line.split()[3] if len(line.split()) > 3 else line for line in result.output.splitlines()]
-    listening = any(p.endswith(":22") or p.endswith(":0016") for p in ports)
+    # ss: "LISTEN 0 128 0.0.0.0:22 0.0.0.0:*"; /proc/net/tcp: "0: 00000000:0016 00000000:0000 0A" (hex port).
+    listening = any(field.endswith((":22", ":0016")) for line in result.output.splitlines()
+                    for field in line.split()[:5])
     return listening, "sshd listens on port 22" if listening else "nothing listens on port 22 (sshd not running)"
 
 
