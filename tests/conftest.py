@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tier in TIERS:
             if tier in parts and not item.get_closest_marker(tier):
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_command(*args: str | Path) -> list[str]:
+    """``imagebuild ARGS`` as a user runs it, from this checkout whatever is installed."""
+    return [sys.executable, "-m", "imagebuild", *map(str, args)]
+
+
+def cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    env = dict(env if env is not None else os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def imagebuild_cli(*args: str | Path, env: dict[str, str] | None = None,
+                   timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to the end; its exit status, stdout and stderr."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(env),
+                          check=False)
+
+
+def spawn_cli(*args: str | Path, env: dict[str, str] | None = None, stdout: object = subprocess.PIPE,
+              stderr: object = subprocess.PIPE) -> subprocess.Popen[str]:
+    """Start the CLI and return it running (to signal or kill it half-way)."""
+    return subprocess.Popen(cli_command(*args), stdout=stdout, stderr=stderr, text=True,  # type: ignore[call-overload]
+                            env=cli_env(env))
+
+
+@contextlib.contextmanager
+def attached(backing: Path, *, sector: int = 512, offset: int = 0, size: int | None = None,
+             read_only: bool = False) -> Iterator[str]:
+    """A loop device over (a byte range of) ``backing``, with ``sector``-byte sectors (sfdisk
+    and the kernel read a 4Kn disk's table only through one); detached on the way out."""
+    cmd = ["losetup", "--find", "--show", "--sector-size", str(sector), "--offset", str(offset),
+           *(["--sizelimit", str(size)] if size else []), *(["--read-only"] if read_only else []), str(backing)]
+    loop = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
 
 
 def missing(reason: str) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 from imagebuild.config import Arch
 
-from conftest import CACHE_DIR, _standin, qemu_processes
+from conftest import CACHE_DIR, _standin, imagebuild_cli, qemu_processes
 
 pytestmark = pytest.mark.boot
 
@@ -43,11 +41,8 @@ def test_build_and_boot(arch: str, variant: str, sector: int, tmp_path: Path) ->
     _standin(Arch(arch))  # built and cached once; the build below must reuse it
     before = qemu_processes()
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", arch, variant, "--stage", "standin", "-o", str(out),
-         "--cache-dir", str(CACHE_DIR), *(["--sector-size", str(sector)] if sector != 512 else [])],
-        capture_output=True, text=True, timeout=1800,
-    )
+    result = imagebuild_cli("build", arch, variant, "--stage", "standin", "-o", out, "--cache-dir", CACHE_DIR,
+                            *(["--sector-size", str(sector)] if sector != 512 else []), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reusing cached stand-in" in result.stderr
     assert "STAND-IN" in result.stderr, "the stand-in must say what it is"

@@ -7,15 +7,13 @@ it is the Debian-based stand-in, because no machine here can reach Gentoo's mirr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices, mounts_under
+from conftest import imagebuild_cli, loop_devices, mounts_under
 from loopback_mirror import LoopbackMirror, SigningKeys, signing_keys_fixture  # noqa: F401
 
 pytestmark = pytest.mark.boot
@@ -31,12 +29,9 @@ def standin_mirror(tmp_path_factory: pytest.TempPathFactory, standin_amd64: Path
 
 
 def build(mirror: LoopbackMirror, tmp_path: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--mirror", mirror.url + "/",
-         "--keyring", str(mirror.keyring), "--trusted-key", mirror.key.fingerprint, "--cache-dir", str(cache), "--work-dir", str(tmp_path / "work"),
-         "-o", str(tmp_path / "out"), *extra],
-        capture_output=True, text=True, timeout=900, env=os.environ.copy(),
-    )
+    return imagebuild_cli("build", "amd64", "console", "--mirror", mirror.url + "/", "--keyring", mirror.keyring,
+                          "--trusted-key", mirror.key.fingerprint, "--cache-dir", cache, "--work-dir", tmp_path / "work",
+                          "-o", tmp_path / "out", *extra)
 
 
 def test_build_from_verified_download_then_cache_hit(standin_mirror: LoopbackMirror, tmp_path: Path) -> None:

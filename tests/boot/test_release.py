@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import textwrap
 import time
@@ -32,7 +31,7 @@ import pytest
 
 from imagebuild.config import Arch, ImageKind
 
-from conftest import CACHE_DIR, _standin, qemu_processes, require_root, require_tools
+from conftest import CACHE_DIR, _standin, cli_command, cli_env, qemu_processes, require_root, require_tools, spawn_cli
 from test_images import EXPECTED_CHECKS
 
 pytestmark = pytest.mark.boot
@@ -67,15 +66,9 @@ def write_config(path: Path, out: Path, *, arches: list[str], variants: list[str
 
 def release(*args: str | Path, log: Path, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
     with log.open("w") as stderr:
-        proc = subprocess.run([sys.executable, "-m", "imagebuild", "release", *map(str, args)],
-                              stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout, env=_env(),
-                              check=False)
+        proc = subprocess.run(cli_command("release", *args), stdout=subprocess.PIPE, stderr=stderr, text=True,
+                              timeout=timeout, env=cli_env(None), check=False)
     return proc
-
-
-def _env() -> dict[str, str]:
-    # The checkout under test, whatever is installed.
-    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def tail(log: Path, lines: int = 60) -> str:
@@ -344,8 +337,7 @@ def test_concurrent_release_refuses_and_sigterm_leaves_the_tree(first: Run) -> N
     before = tree_hashes(out / "releases")
     log = out.parent / "killed.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "imagebuild", "release", config, "--stamp", KILLED],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=_env())
+        proc = spawn_cli("release", config, "--stamp", KILLED, stderr=stderr)
     try:
         lock = out / ".release.lock"
         wait_for(lambda: lock.read_text().strip() == str(proc.pid), proc, log, "the run to take the lock")

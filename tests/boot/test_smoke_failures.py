@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +21,7 @@ from imagebuild.smoketest import smoke_test
 from imagebuild.smoketest.firmware import find_firmware
 from imagebuild.smoketest.qemu import DISK_ID, QemuMachine
 
-from conftest import private_dirs, qemu_processes
+from conftest import private_dirs, qemu_processes, spawn_cli
 
 pytestmark = pytest.mark.boot
 
@@ -241,12 +240,8 @@ def test_signal_while_qemu_starts(tmp_path: Path, sig: signal.Signals) -> None:
         HELD_QEMU.format(marker=marker, real=shutil.which("qemu-system-x86_64"))
     )
     (shims / "qemu-system-x86_64").chmod(0o755)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagebuild", "smoke-test", str(image), "--arch", "amd64",
-         "--variant", "console", "--results", str(tmp_path / "results")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"},
-    )
+    proc = spawn_cli("smoke-test", image, "--arch", "amd64", "--variant", "console", "--results", tmp_path / "results",
+                     env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"})
     deadline = time.monotonic() + 60
     while not (marker.exists() and marker.read_text().strip()):
         assert proc.poll() is None, proc.communicate()[1]
@@ -266,10 +261,7 @@ def test_signal_during_the_smoke_test(console_image_amd64: Path, tmp_path: Path,
     """The last pipeline step, interrupted: the run stops within seconds and no QEMU survives."""
     digest = sha256(console_image_amd64)
     before = qemu_processes()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagebuild", "smoke-test", str(console_image_amd64), "--results", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = spawn_cli("smoke-test", console_image_amd64, "--results", tmp_path)
     log = tmp_path / f"{console_image_amd64.name}.console.log"
     deadline = time.monotonic() + 120
     # Wait until the guest is past the firmware: QEMU runs and the kernel is booting.

@@ -6,13 +6,12 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices, mounts_under, require_root, require_tools
+from conftest import imagebuild_cli, loop_devices, mounts_under, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +25,7 @@ def _root() -> None:
 def imagebuild(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would; check the common "nothing left behind" promises."""
     out, work = tmp_path / "out", tmp_path / "work"
-    result = subprocess.run(
-        [sys.executable, "-m", "imagebuild", *args, "-o", str(out), "--work-dir", str(work), "--no-test"],
-        capture_output=True, text=True, env=env or os.environ.copy(), timeout=600,
-    )
+    result = imagebuild_cli(*args, "-o", out, "--work-dir", work, "--no-test", env=env, timeout=600)
     assert result.returncode != 0, result.stderr
     assert "Traceback" not in result.stderr
     assert loop_devices(tmp_path) == set(), "a loop device was left attached"
@@ -132,17 +128,14 @@ def test_missing_host_tool(tmp_path: Path) -> None:
 def test_output_directory_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output directory should go\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", "standin", "--no-test",
-         "-o", str(blocker / "out")], capture_output=True, text=True, timeout=60,
-    )
+    result = imagebuild_cli("build", "amd64", "console", "--stage", "standin", "--no-test", "-o", blocker / "out",
+                            timeout=60)
     assert result.returncode != 0
     assert f"cannot create the output directory {blocker / 'out'}" in result.stderr
 
 
 def test_doctor_names_the_missing_tool_and_its_packages(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "imagebuild", "doctor"], capture_output=True, text=True,
-                            env=env_without("mkfs.xfs", tmp_path), timeout=120)
+    result = imagebuild_cli("doctor", env=env_without("mkfs.xfs", tmp_path), timeout=120)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("MISSING") and " mkfs.xfs " in line)

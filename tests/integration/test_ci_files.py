@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import missing, require_tools
+from conftest import imagebuild_cli, missing, require_tools
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "ci/imagebuild-release.service"
@@ -166,7 +165,6 @@ def test_workflow_uses_only_options_imagebuild_has() -> None:
     lines = [line for job in workflow["jobs"].values() for step in job["steps"]
              for line in step.get("run", "").splitlines() if "imagebuild release" in line]
     used = {option for line in lines for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)}
-    helped = subprocess.run([sys.executable, "-m", "imagebuild", "release", "--help"], capture_output=True,
-                            text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+    helped = imagebuild_cli("release", "--help", timeout=60)
     assert helped.returncode == 0, helped.stderr
     assert used and all(option in helped.stdout for option in used), (used, helped.stdout)

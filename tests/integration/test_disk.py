@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from imagebuild.disk import DPS_ROOT_TYPE, Identifiers, check_fits, make_esp, ma
 from imagebuild.errors import ImageError
 from imagebuild.imagefs import gpt_sector_size
 
-from conftest import loop_devices, mounts_under, require_root, require_tools
+from conftest import attached, loop_devices, mounts_under, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 
@@ -29,21 +27,8 @@ def _tools() -> None:
     require_tools("sgdisk", "sfdisk", "mkfs.vfat", "mkfs.xfs", "mcopy", "mdir", "losetup", "blkid")
 
 
-@contextlib.contextmanager
-def _read_only_loop(raw: Path, sector: int, offset: int = 0, size: int | None = None) -> Iterator[str]:
-    """sfdisk and the kernel take the sector size from the device, so a 4Kn disk is read
-    through a loop device with 4096-byte sectors."""
-    cmd = ["losetup", "--find", "--show", "--read-only", "--sector-size", str(sector), "--offset", str(offset)]
-    loop = subprocess.run([*cmd, *(["--sizelimit", str(size)] if size else []), str(raw)],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        yield loop
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
-
-
 def _sfdisk(raw: Path, sector: int) -> dict:
-    with _read_only_loop(raw, sector) as loop:
+    with attached(raw, sector=sector, read_only=True) as loop:
         out = subprocess.run(["sfdisk", "--json", loop], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["partitiontable"]
 
@@ -122,7 +107,7 @@ def test_filesystems_are_made_and_filled(tmp_path: Path, sector: int) -> None:
 
     mnt = tmp_path / "check"
     mnt.mkdir()
-    with _read_only_loop(raw, sector, disk.root.offset, disk.root.size) as loop:
+    with attached(raw, sector=sector, read_only=True, offset=disk.root.offset, size=disk.root.size) as loop:
         subprocess.run(["mount", "-o", "ro", loop, str(mnt)], check=True)
         try:
             assert (mnt / "usr/bin/ping").stat().st_ino == (mnt / "usr/bin/ping6").stat().st_ino

@@ -4,13 +4,12 @@ nothing half-written left behind. Small tmpfs mounts play the full disks."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices, mounts_under, require_root
+from conftest import imagebuild_cli, loop_devices, mounts_under, require_root
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +32,7 @@ def small_fs(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
 
 
 def build(stage: Path, out: Path, work: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(stage), "--no-test",
-         "-o", str(out), "--work-dir", str(work)], capture_output=True, text=True, timeout=900,
-    )
+    return imagebuild_cli("build", "amd64", "console", "--stage", stage, "--no-test", "-o", out, "--work-dir", work)
 
 
 def assert_clean(out: Path, work: Path) -> None:

@@ -13,13 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices, mounts_under, require_root
+from conftest import imagebuild_cli, loop_devices, mounts_under, require_root, spawn_cli
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +47,8 @@ STEPS = {
 
 def start_build(tmp_path: Path, stage: Path, *extra: str, env: dict[str, str] | None = None,
                 output: Path | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(stage), "--no-test",
-         "-o", str(output or tmp_path / "out"), "--work-dir", str(tmp_path / "work"), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ.copy(),
-    )
+    return spawn_cli("build", "amd64", "console", "--stage", stage, "--no-test", "-o", output or tmp_path / "out",
+                     "--work-dir", tmp_path / "work", *extra, env=env)
 
 
 def shim_env(tmp_path: Path, program: str, pattern: str) -> tuple[dict[str, str], Path]:
@@ -159,11 +155,8 @@ def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, mini_stag
     assert loop_devices(tmp_path), "the killed build should have left its loop device"
 
     # The next run (here one that fails fast on a missing stage) cleans up first and says so.
-    result = subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(tmp_path / "none.tar"),
-         "--no-test", "-o", str(tmp_path / "out2"), "--work-dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = imagebuild_cli("build", "amd64", "console", "--stage", tmp_path / "none.tar", "--no-test",
+                            "-o", tmp_path / "out2", "--work-dir", tmp_path / "work", timeout=120)
     assert "cleaned up after an earlier run" in result.stderr
     assert "loop device /dev/loop" in result.stderr
     assert loop_devices(tmp_path) == set()
@@ -210,11 +203,9 @@ def test_two_builds_same_output_second_refuses(tmp_path: Path, mini_stage_amd64:
     first = start_build(tmp_path, mini_stage_amd64, "--stamp", "20261124T050000Z", env=env)
     try:
         wait_for(lambda: marker.exists() or first.poll() is not None, 300, "the first build")
-        second = subprocess.run(
-            [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(mini_stage_amd64),
-             "--no-test", "-o", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work2"),
-             "--stamp", "20261124T050000Z"], capture_output=True, text=True, timeout=120,
-        )
+        second = imagebuild_cli("build", "amd64", "console", "--stage", mini_stage_amd64, "--no-test",
+                                "-o", tmp_path / "out", "--work-dir", tmp_path / "work2", "--stamp", "20261124T050000Z",
+                                timeout=120)
         assert second.returncode == 2
         assert "another imagebuild" in second.stderr and "is already building" in second.stderr
     finally:

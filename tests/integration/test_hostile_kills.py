@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 import hostile
-from conftest import loop_devices
+from conftest import loop_devices, spawn_cli
 from hostile import Host, host, run_cli
 
 pytestmark = pytest.mark.integration
@@ -79,12 +78,9 @@ def test_sigkill_then_recovery(phase: str, tmp_path: Path, host: Host, mini_stag
     (shims / program).chmod(0o755)
     stage = mini_stage_zst if program == "zstd" else mini_stage_amd64
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--stage", str(stage), "--no-test",
-         "-o", str(out), "--work-dir", str(work), "--stamp", hostile.STAMP],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"},
-    )
+    proc = spawn_cli("build", "amd64", "console", "--stage", stage, "--no-test", "-o", out, "--work-dir", work,
+                     "--stamp", hostile.STAMP, stdout=subprocess.DEVNULL,
+                     env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"})
     try:
         deadline = time.monotonic() + 300
         while not marker.exists() and proc.poll() is None:

@@ -6,21 +6,19 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import loop_devices
+from conftest import attached, imagebuild_cli, loop_devices
 
 pytestmark = pytest.mark.integration
 
 
 def inspect(image: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "imagebuild", "inspect", str(image), *extra],
-                          capture_output=True, text=True, timeout=300)
+    return imagebuild_cli("inspect", image, *extra, timeout=300)
 
 
 def doctored(image: Path, tmp_path: Path, change: Callable[[Path], None]) -> Path:
@@ -30,19 +28,14 @@ def doctored(image: Path, tmp_path: Path, change: Callable[[Path], None]) -> Pat
     table = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]["partitions"]
     root = table[1]
-    loop = subprocess.run(["losetup", "--find", "--show", "--offset", str(root["start"] * 512),
-                           "--sizelimit", str(root["size"] * 512), str(raw)],
-                          capture_output=True, text=True, check=True).stdout.strip()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    try:
+    with attached(raw, offset=root["start"] * 512, size=root["size"] * 512) as loop:
         subprocess.run(["mount", loop, str(mnt)], check=True)
         try:
             change(mnt)
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True)
     copy = tmp_path / image.name
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(copy)], check=True)
     shutil.copy(image.with_name(image.name + ".manifest.json"), copy.with_name(copy.name + ".manifest.json"))

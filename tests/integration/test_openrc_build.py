@@ -4,25 +4,21 @@ whose init is not the one the spec asks for is refused before anything is writte
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from imagebuild.config import Arch
 
-from conftest import _standin, qemu_processes
+from conftest import _standin, imagebuild_cli, qemu_processes
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 def build(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", *args, "-o", str(tmp_path / "out"),
-         "--work-dir", str(tmp_path / "work"), "--size", "4GiB", "--compression", "zstd"],
-        capture_output=True, text=True, timeout=900,
-    )
+    return imagebuild_cli("build", "amd64", *args, "-o", tmp_path / "out", "--work-dir", tmp_path / "work",
+                          "--size", "4GiB", "--compression", "zstd")
 
 def test_a_console_image_with_sshd_in_default_is_not_booted(tmp_path: Path) -> None:
     stage = _standin(Arch.amd64, "openrc")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from imagebuild.imagefs import open_image
+
+from conftest import imagebuild_cli
 
 pytestmark = pytest.mark.integration
 
@@ -26,11 +26,8 @@ diskimage/empty: /var/log/apt
 diskimage/fsscript: {script}
 """)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "imagebuild", "build", "amd64", "console", "--spec", str(spec), "--stage",
-         str(standin_amd64), "--no-test", "-o", str(out), "--work-dir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=900,
-    )
+    result = imagebuild_cli("build", "amd64", "console", "--spec", spec, "--stage", standin_amd64, "--no-test",
+                            "-o", out, "--work-dir", tmp_path / "work")
     assert result.returncode == 0, result.stderr[-3000:]
     [image] = out.glob("*.qcow2")
     with open_image(image) as img:
