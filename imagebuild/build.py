@@ -29,7 +29,6 @@ from imagebuild.configure import (
     kernel_cmdline,
     write_system_files,
 )
-from imagebuild.customize import apply_stage2_keys
 from imagebuild.disk import (
     DiskLayout,
     Identifiers,
@@ -54,6 +53,7 @@ from imagebuild.output import (
     write_json,
 )
 from imagebuild.run import require_tools, run
+from imagebuild.stage2 import apply_stage2_keys
 from imagebuild.tree import Tree
 from imagebuild.unpack import unpack_stage
 from imagebuild.workspace import Workspace, output_lock
@@ -203,9 +203,8 @@ def configure(ctx: Context, init: InitSystem) -> None:
             configure_console(ctx.tree, config.arch, init)
         else:
             configure_cloudinit(ctx.tree, config.arch, init, config.image_name)
-        if config.spec is not None:
-            # Catalyst's diskimage-stage2 keys, after the variant (as diskimagefs-update.sh runs first).
-            apply_stage2_keys(ctx.tree, config.spec, config.arch, init)
+        # Catalyst's diskimage-stage2 keys, after the variant (as diskimagefs-update.sh runs first).
+        apply_stage2_keys(ctx.tree, config.stage2, config.arch, init)
 
 
 def install_bootloader(ctx: Context, kernel: Kernel, ids: Identifiers) -> None:

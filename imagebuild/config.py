@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from imagebuild.errors import ConfigError
 
@@ -232,6 +232,25 @@ class ImageLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage2Keys:
+    """Catalyst's diskimage-stage2 keys of a spec, checked (imagebuild.stage2 reads and applies
+    them); ``where`` names each key's file:line for a later message."""
+
+    fsscript: Path | None = None
+    rcadd: tuple[tuple[str, str], ...] = ()  # (service, runlevel)
+    rcdel: tuple[tuple[str, str], ...] = ()
+    unmerge: tuple[str, ...] = ()
+    depclean: bool = True
+    rm: tuple[str, ...] = ()
+    empty: tuple[str, ...] = ()
+    where: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def in_chroot(self) -> bool:
+        return bool(self.fsscript or self.rcadd or self.rcdel or self.unmerge)
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildConfig:
     """Everything a build needs, resolved and validated before the first step runs."""
 
@@ -256,9 +275,8 @@ class BuildConfig:
     flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
     # Accept a pointer older than the newest one seen for the flavour (a warning, not an error).
     allow_older_stage: bool = False
-    # The loaded spec, for Catalyst's diskimage-stage2 keys (rcadd, unmerge, empty, rm,
-    # fsscript) that customize.apply_stage2_keys validates and applies.
-    spec: Any = None
+    # Catalyst's diskimage-stage2 keys (fsscript, rcadd/rcdel, unmerge, rm, empty), checked.
+    stage2: Stage2Keys = Stage2Keys()
     # The init the spec or the command line expects of the stage (None: whatever it runs).
     init: InitSystem | None = None
     init_source: str = ""  # what said so, for the message when the stage disagrees

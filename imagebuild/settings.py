@@ -29,6 +29,7 @@ from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
+from imagebuild.stage2 import read_stage2_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         smoke_test=values["smoke_test"] == "yes",
         boot_timeout=float(values["boot_timeout"]),
         spec_path=spec_path,
-        spec=spec,
+        stage2=read_stage2_keys(spec),
         work_dir=Path(values["work_dir"]).resolve(),
         cache_dir=Path(values["cache_dir"]).resolve(),
         init=init,

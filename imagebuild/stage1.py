@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 
 from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
 from imagebuild.config import Arch
-from imagebuild.customize import require_emerge, run_merge
 from imagebuild.errors import ConfigError, SpecError, StageError, WorkspaceError
 from imagebuild.log import complete_step, logger
 from imagebuild.mountinfo import mounts_below
@@ -26,6 +25,7 @@ from imagebuild.mounts import mounted
 from imagebuild.output import temporary_name
 from imagebuild.run import run
 from imagebuild.spec import Spec
+from imagebuild.stage2 import require_emerge, run_merge
 from imagebuild.tree import Tree, walk_host
 from imagebuild.unpack import unpack_stage
 from imagebuild.workspace import Workspace

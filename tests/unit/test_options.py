@@ -11,7 +11,7 @@ import pytest
 from imagebuild import options
 from imagebuild.cli import _given_settings, _parser
 from imagebuild.config import Arch, Compression, Variant
-from imagebuild.errors import ConfigError
+from imagebuild.errors import ConfigError, SpecError
 from imagebuild.release import _KEYS as RELEASE_KEYS
 from imagebuild.settings import Overrides, resolve
 from imagebuild.spec import IMAGEBUILD_KEYS
@@ -85,3 +85,17 @@ def test_specs_readme_documents_the_table() -> None:
         default = options.BY_SPEC_KEY[key].default
         if default is not None:
             assert rows[key] == f"`{default}`", key
+
+
+def test_stage2_keys_are_checked_when_the_build_is_resolved(tmp_path: Path) -> None:
+    """Catalyst's stage2 keys become a typed value; every problem in them is reported at once,
+    before any work starts."""
+    with pytest.raises(SpecError) as caught:
+        resolved(tmp_path, "diskimage/rcadd: sshd\ndiskimage/rm: /var/../../etc\ndiskimage/fsscript: /nonexistent.sh\n")
+    message = caught.value.message
+    assert "my.spec:5: 'sshd' in diskimage/rcadd is not service|runlevel" in message
+    assert "my.spec:6: '/var/../../etc' in diskimage/rm contains '..'" in message
+    assert "my.spec:7: fsscript /nonexistent.sh does not exist" in message
+    config = resolved(tmp_path, "diskimage/rcadd: sshd|default\ndiskimage/empty: /var/log\n")
+    assert config.stage2.rcadd == (("sshd", "default"),) and config.stage2.empty == ("/var/log",)
+    assert config.stage2.where["diskimage/empty"].endswith("my.spec:6")

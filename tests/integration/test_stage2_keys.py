@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from imagebuild.config import Arch, InitSystem
-from imagebuild.customize import apply_stage2_keys
 from imagebuild.errors import SpecError, StageError
 from imagebuild.spec import load_spec
+from imagebuild.stage2 import apply_stage2_keys, read_stage2_keys
 from imagebuild.tree import Tree
 
 from conftest import missing, mounts_under, require_root, require_tools
@@ -97,7 +97,7 @@ def test_rcadd_systemd(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     spec = load_spec(spec_file(tmp_path, "diskimage/rcadd: sshd|default cloud-init|boot\n"
                                          "diskimage/rcdel: getty@tty2|default\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     assert calls(root) == ["systemctl enable sshd", "systemctl enable cloud-init", "systemctl disable getty@tty2"]
 
 
@@ -105,7 +105,7 @@ def test_rcadd_openrc(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     spec = load_spec(spec_file(tmp_path, "diskimage/rcadd: sshd|default net.eth0|boot dhcpcd|net-up\n"
                                          "diskimage/rcdel: netmount|default\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.openrc)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.openrc)
     assert calls(root) == ["rc-update add sshd default", "rc-update add net.eth0 boot",
                            "rc-update add dhcpcd net-up", "rc-update del netmount default"]
     # rc-update.sh creates a runlevel that does not exist yet.
@@ -116,21 +116,21 @@ def test_rcadd_malformed_entry(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     path = spec_file(tmp_path, "diskimage/rcadd: sshd|default sshd\n")
     with pytest.raises(SpecError, match=rf"{path}:3: 'sshd' in diskimage/rcadd is not service\|runlevel"):
-        apply_stage2_keys(Tree(root), load_spec(path), Arch.amd64, InitSystem.openrc)
+        apply_stage2_keys(Tree(root), read_stage2_keys(load_spec(path)), Arch.amd64, InitSystem.openrc)
     assert calls(root) == []
 
 
 def test_unmerge(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     spec = load_spec(spec_file(tmp_path, "diskimage/unmerge: app-editors/nano\n\tsys-apps/man-pages\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     # controller.sh's unmerge: depclean.sh first (unless diskimage/depclean: no), then emerge -C.
     assert calls(root) == ["emerge --quiet --depclean --with-bdeps=n",
                            "emerge --quiet -C app-editors/nano sys-apps/man-pages"]
 
     root2 = make_root(tmp_path / "2")
     spec = load_spec(spec_file(tmp_path, "diskimage/depclean: no\ndiskimage/unmerge: app-editors/nano\n"))
-    apply_stage2_keys(Tree(root2), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root2), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     assert calls(root2) == ["emerge --quiet -C app-editors/nano"]
 
 
@@ -138,7 +138,7 @@ def test_unmerge_without_emerge(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path, emerge=False)
     spec = load_spec(spec_file(tmp_path, "diskimage/rcadd: sshd|default\ndiskimage/unmerge: app-editors/nano\n"))
     with pytest.raises(StageError, match="needs emerge, but the stage has no /usr/bin/emerge"):
-        apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+        apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     assert calls(root) == [], "nothing runs when the stage cannot do what the spec asks"
 
 
@@ -151,7 +151,7 @@ def test_fsscript_runs_in_the_chroot_and_is_removed(tmp_path: Path, host_state: 
                                          "diskimage/rcadd: sshd|default\n"
                                          "diskimage/unmerge: app-editors/nano\n"
                                          "diskimage/empty: /var/cache/distfiles\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     # Catalyst's order: fsscript, rc-update, unmerge; empty last (it removes fsscript's file).
     assert calls(root) == ["fsscript ", "systemctl enable sshd", "emerge --quiet --depclean --with-bdeps=n",
                            "emerge --quiet -C app-editors/nano"]
@@ -164,7 +164,7 @@ def test_fsscript_missing(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     path = spec_file(tmp_path, "diskimage/rcadd: sshd|default\ndiskimage/fsscript: /nonexistent/fs.sh\n")
     with pytest.raises(SpecError, match=rf"{path}:4: fsscript /nonexistent/fs.sh does not exist"):
-        apply_stage2_keys(Tree(root), load_spec(path), Arch.amd64, InitSystem.systemd)
+        apply_stage2_keys(Tree(root), read_stage2_keys(load_spec(path)), Arch.amd64, InitSystem.systemd)
     assert calls(root) == []
 
 
@@ -176,7 +176,7 @@ def test_empty(tmp_path: Path, host_state: None) -> None:
     (root / "var/cache/distfiles/escape").symlink_to(outside)  # emptied as a link, not followed
     (root / "var/linked").symlink_to("/var/cache/distfiles")  # a symlinked directory is skipped
     spec = load_spec(spec_file(tmp_path, "diskimage/empty: /var/linked /var/cache/distfiles /does/not/exist\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     distfiles = root / "var/cache/distfiles"
     assert distfiles.is_dir() and list(distfiles.iterdir()) == []
     assert distfiles.stat().st_mode & 0o7777 == 0o2775, "the directory itself is kept as it was"
@@ -187,7 +187,7 @@ def test_empty(tmp_path: Path, host_state: None) -> None:
 def test_rm(tmp_path: Path, host_state: None) -> None:
     root = make_root(tmp_path)
     spec = load_spec(spec_file(tmp_path, "diskimage/rm: /etc/hostname /var/log/*.log /usr/share/doc/**\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     assert not (root / "etc/hostname").exists()
     assert sorted(p.name for p in (root / "var/log").iterdir()) == ["keep.txt"]
     assert not (root / "usr/share/doc").exists()
@@ -204,13 +204,13 @@ def test_rm_cannot_leave_the_root(tmp_path: Path, host_state: None) -> None:
     # '..' in an entry: refused before anything is removed.
     path = spec_file(tmp_path, "diskimage/rm: /etc/hostname ../../etc\n")
     with pytest.raises(SpecError, match=rf"{path}:3: '\.\./\.\./etc' in diskimage/rm contains '\.\.'"):
-        apply_stage2_keys(Tree(root), load_spec(path), Arch.amd64, InitSystem.systemd)
+        apply_stage2_keys(Tree(root), read_stage2_keys(load_spec(path)), Arch.amd64, InitSystem.systemd)
     assert (root / "etc/hostname").exists()
 
     # A symlink whose '..' climbs above the root stops at the image's / (as in the image).
     (root / "up").symlink_to("../../../../../../../..")
     path = spec_file(tmp_path, f"diskimage/rm: /up{outside}/victim /up/etc/hostname\n")
-    apply_stage2_keys(Tree(root), load_spec(path), Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(load_spec(path)), Arch.amd64, InitSystem.systemd)
     assert (outside / "victim").read_text() == "must survive\n"
     assert not (root / "etc/hostname").exists(), "/up/etc/hostname is the image's /etc/hostname"
 
@@ -220,7 +220,7 @@ def test_rm_cannot_leave_the_root(tmp_path: Path, host_state: None) -> None:
     (root / "escape").symlink_to(outside)
     spec = load_spec(spec_file(tmp_path, f"diskimage/rm: {outside}/victim /escape/victim /escape/* "
                                          "/hostetc/passwd\n"))
-    apply_stage2_keys(Tree(root), spec, Arch.amd64, InitSystem.systemd)
+    apply_stage2_keys(Tree(root), read_stage2_keys(spec), Arch.amd64, InitSystem.systemd)
     assert (outside / "victim").read_text() == "must survive\n"
     assert os.stat("/etc/passwd") == host_passwd
     assert not (root / "etc/passwd").exists(), "/hostetc/passwd is the image's /etc/passwd"

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
-from imagebuild.config import Arch, InitSystem
+from imagebuild.config import Arch, InitSystem, Stage2Keys
 from imagebuild.errors import SpecError, StageError
 from imagebuild.log import complete_step, logger
 from imagebuild.spec import Spec
@@ -35,19 +35,79 @@ EMERGE_ENV: Mapping[str, str] = {
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:+-]*")
 
 
-# --- Paths inside the tree -------------------------------------------------------------------
+# --- The keys, read and checked when the build is resolved ------------------------------------
 
-def _checked_entry(spec: Spec, key: str, entry: str) -> str:
-    """A path from the spec, refused when it names ``..`` or the root itself."""
-    if ".." in PurePosixPath(entry).parts:
-        raise SpecError(f"{spec.where(key)}: '{entry}' in {key} contains '..'",
-                        hint="write absolute paths inside the image, e.g. /var/cache/distfiles")
-    if "\0" in entry:
-        raise SpecError(f"{spec.where(key)}: an entry in {key} contains a NUL byte")
-    if image_path(entry) == "/":
-        raise SpecError(f"{spec.where(key)}: '{entry}' in {key} names the whole root",
-                        hint="name directories or files below /")
-    return entry
+def read_stage2_keys(spec: Spec) -> Stage2Keys:
+    """The spec's stage2 keys; every problem in them is one SpecError, before any work starts."""
+    problems: list[str] = []
+    keys = Stage2Keys(
+        fsscript=_fsscript(spec, problems),
+        rcadd=_rc_entries(spec, "diskimage/rcadd", problems),
+        rcdel=_rc_entries(spec, "diskimage/rcdel", problems),
+        unmerge=tuple(spec.get_list("diskimage/unmerge")),
+        # targets/diskimage-stage2/controller.sh runs depclean.sh before the unmerge.
+        depclean=spec.get("diskimage/depclean") != "no",
+        rm=_paths(spec, "diskimage/rm", problems),
+        empty=_paths(spec, "diskimage/empty", problems),
+        where={key: spec.where(key) for key in _KEYS if spec.get(key)},
+    )
+    if problems:
+        raise SpecError("\n".join(problems), hint=_hint(problems))
+    return keys
+
+
+_KEYS = ("diskimage/fsscript", "diskimage/rcadd", "diskimage/rcdel", "diskimage/unmerge", "diskimage/rm",
+         "diskimage/empty")
+
+
+def _hint(problems: list[str]) -> str:
+    if any("service|runlevel" in p for p in problems):
+        return "write entries as service|runlevel, e.g. sshd|default"
+    if any("does not exist" in p for p in problems):
+        return "give the path of a script on this host (relative paths start at the spec's directory)"
+    return "write absolute paths inside the image below /, e.g. /var/cache/distfiles"
+
+
+def _paths(spec: Spec, key: str, problems: list[str]) -> tuple[str, ...]:
+    """Paths inside the image; refused when one names ``..``, a NUL or the root itself."""
+    entries = []
+    for entry in spec.get_list(key):
+        if ".." in PurePosixPath(entry).parts:
+            problems.append(f"{spec.where(key)}: '{entry}' in {key} contains '..'")
+        elif "\0" in entry:
+            problems.append(f"{spec.where(key)}: an entry in {key} contains a NUL byte")
+        elif image_path(entry) == "/":
+            problems.append(f"{spec.where(key)}: '{entry}' in {key} names the whole root")
+        else:
+            entries.append(entry)
+    return tuple(entries)
+
+
+def _fsscript(spec: Spec, problems: list[str]) -> Path | None:
+    value = spec.get("diskimage/fsscript")
+    if value is None:
+        return None
+    script = Path(value).expanduser()
+    if not script.is_absolute():
+        script = spec.path.parent / script
+    if not script.is_file():
+        problems.append(f"{spec.where('diskimage/fsscript')}: fsscript {script} does not exist")
+        return None
+    return script
+
+
+def _rc_entries(spec: Spec, key: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    entries = []
+    for entry in spec.get_list(key):
+        service, bar, runlevel = entry.partition("|")
+        if not bar or not _SERVICE_NAME.fullmatch(service) or not _SERVICE_NAME.fullmatch(runlevel):
+            problems.append(f"{spec.where(key)}: '{entry}' in {key} is not service|runlevel")
+        else:
+            entries.append((service, runlevel))
+    return tuple(entries)
+
+
+# --- Paths inside the tree -------------------------------------------------------------------
 
 
 def _canonical(tree: Tree, path: str) -> str:
@@ -110,26 +170,10 @@ def run_merge(tree: Tree, args: Sequence[str], *, env: Mapping[str, str] | None 
     chroot_run(tree, ["emerge", *args], env={**EMERGE_ENV, **(env or {})}, live=True)
 
 
-# --- The stage2 keys -------------------------------------------------------------------------
+# --- Applying them ---------------------------------------------------------------------------
 
-def _fsscript(spec: Spec) -> Path | None:
-    value = spec.get("diskimage/fsscript")
-    if value is None:
-        return None
-    script = Path(value).expanduser()
-    if not script.is_absolute():
-        script = spec.path.parent / script
-    if not script.is_file():
-        raise SpecError(f"{spec.where('diskimage/fsscript')}: fsscript {script} does not exist",
-                        hint="give the path of a script on this host (relative paths start at the spec's directory)")
-    return script
-
-
-def run_fsscript(tree: Tree, spec: Spec) -> None:
+def run_fsscript(tree: Tree, script: Path) -> None:
     """Copy diskimage/fsscript into the tree's /tmp, run it in the chroot, remove it."""
-    script = _fsscript(spec)
-    if script is None:
-        return
     if not tree.exists("/tmp"):
         tree.mkdir("/tmp", 0o1777)
     holder = f"/tmp/imagebuild-fsscript-{os.getpid()}"
@@ -143,107 +187,79 @@ def run_fsscript(tree: Tree, spec: Spec) -> None:
             tree.remove(holder)
 
 
-def _rc_entries(spec: Spec, key: str) -> list[tuple[str, str]]:
-    entries = []
-    for entry in spec.get_list(key):
-        service, bar, runlevel = entry.partition("|")
-        if not bar or not _SERVICE_NAME.fullmatch(service) or not _SERVICE_NAME.fullmatch(runlevel):
-            raise SpecError(f"{spec.where(key)}: '{entry}' in {key} is not service|runlevel",
-                            hint="write entries as service|runlevel, e.g. sshd|default")
-        entries.append((service, runlevel))
-    return entries
-
-
-def update_services(tree: Tree, spec: Spec, init: InitSystem) -> None:
+def update_services(tree: Tree, keys: Stage2Keys, init: InitSystem) -> None:
     """diskimage/rcadd then diskimage/rcdel (Catalyst's targets/support/rc-update.sh).
 
     Catalyst only knows rc-update; on systemd the same entries enable and disable units.
     """
-    add, delete = _rc_entries(spec, "diskimage/rcadd"), _rc_entries(spec, "diskimage/rcdel")
-    if not add and not delete:
+    if not keys.rcadd and not keys.rcdel:
         return
-    with complete_step(f"Services: {len(add)} to add, {len(delete)} to remove ({init.value})"):
-        for service, runlevel in add:
+    with complete_step(f"Services: {len(keys.rcadd)} to add, {len(keys.rcdel)} to remove ({init.value})"):
+        for service, runlevel in keys.rcadd:
             if init == InitSystem.systemd:
                 # systemd has no runlevels: the unit's [Install] section says where it goes.
                 chroot_run(tree, ["systemctl", "enable", service])
             else:
                 tree.mkdir(f"/etc/runlevels/{runlevel}")  # as rc-update.sh does
                 chroot_run(tree, ["rc-update", "add", service, runlevel])
-        for service, runlevel in delete:
+        for service, runlevel in keys.rcdel:
             if init == InitSystem.systemd:
                 chroot_run(tree, ["systemctl", "disable", service])
             else:
                 chroot_run(tree, ["rc-update", "del", service, runlevel])
 
 
-def unmerge_packages(tree: Tree, spec: Spec) -> None:
+def unmerge_packages(tree: Tree, keys: Stage2Keys) -> None:
     """diskimage/unmerge: depclean unless diskimage/depclean is "no", then ``emerge -C``."""
-    atoms = spec.get_list("diskimage/unmerge")
-    if not atoms:
+    if not keys.unmerge:
         return
-    require_emerge(tree, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
-    with complete_step(f"Unmerging {len(atoms)} package(s)"):
-        # targets/diskimage-stage2/controller.sh runs depclean.sh first; depclean.sh reads
-        # the livecd key, so for disk images it is always --with-bdeps=n.
-        if spec.get("diskimage/depclean") != "no":
+    with complete_step(f"Unmerging {len(keys.unmerge)} package(s)"):
+        # depclean.sh reads the livecd key, so for disk images it is always --with-bdeps=n.
+        if keys.depclean:
             run_merge(tree, ["--quiet", "--depclean", "--with-bdeps=n"])
-        run_merge(tree, ["--quiet", "-C", *atoms])
+        run_merge(tree, ["--quiet", "-C", *keys.unmerge])
 
 
-def remove_paths(tree: Tree, spec: Spec) -> None:
+def remove_paths(tree: Tree, keys: Stage2Keys) -> None:
     """diskimage/rm: paths and globs inside the image, removed without leaving it."""
-    key = "diskimage/rm"
-    entries = [_checked_entry(spec, key, e) for e in spec.get_list(key)]
-    if not entries:
+    if not keys.rm:
         return
-    with complete_step(f"Removing {len(entries)} diskimage/rm entries"):
-        for entry in entries:
+    with complete_step(f"Removing {len(keys.rm)} diskimage/rm entries"):
+        for entry in keys.rm:
             matches = _expand(tree, entry)
             for path in matches:
                 if path == "/":
-                    raise SpecError(f"{spec.where(key)}: '{entry}' resolves to the whole root")
+                    raise SpecError(f"{keys.where['diskimage/rm']}: '{entry}' resolves to the whole root")
                 tree.remove(path)
             logger.debug("  rm %s: %d match(es)", entry, len(matches))
 
 
-def empty_directories(tree: Tree, spec: Spec) -> None:
+def empty_directories(tree: Tree, keys: Stage2Keys) -> None:
     """diskimage/empty: directories emptied in place; a symlink or non-directory is skipped."""
-    key = "diskimage/empty"
-    entries = [_checked_entry(spec, key, e) for e in spec.get_list(key)]
-    if not entries:
+    if not keys.empty:
         return
-    with complete_step(f"Emptying {len(entries)} director{'y' if len(entries) == 1 else 'ies'}"):
-        for entry in entries:
+    with complete_step(f"Emptying {len(keys.empty)} director{'y' if len(keys.empty) == 1 else 'ies'}"):
+        for entry in keys.empty:
             if tree.is_symlink(entry) or not tree.is_dir(entry):
                 # Catalyst's StageBase.empty warns and goes on.
                 logger.warning("diskimage/empty: %s is not a directory or does not exist; skipped", entry)
                 continue
             if _canonical(tree, entry) == "/":
-                raise SpecError(f"{spec.where(key)}: '{entry}' resolves to the whole root")
+                raise SpecError(f"{keys.where['diskimage/empty']}: '{entry}' resolves to the whole root")
             tree.empty(entry)
 
 
-def apply_stage2_keys(tree: Tree, spec: Spec, arch: Arch, init: InitSystem) -> None:
+def apply_stage2_keys(tree: Tree, keys: Stage2Keys, arch: Arch, init: InitSystem) -> None:
     """fsscript, rcadd/rcdel, unmerge in the chroot; then rm and empty (Catalyst's order)."""
-    # Every spec problem is found before the tree is touched.
-    _fsscript(spec)
-    _rc_entries(spec, "diskimage/rcadd")
-    _rc_entries(spec, "diskimage/rcdel")
-    for key in ("diskimage/rm", "diskimage/empty"):
-        for entry in spec.get_list(key):
-            _checked_entry(spec, key, entry)
-    in_chroot = [k for k in ("diskimage/fsscript", "diskimage/rcadd", "diskimage/rcdel",
-                             "diskimage/unmerge") if spec.get(k)]
-    if in_chroot:
-        if spec.get("diskimage/unmerge"):
-            require_emerge(tree, f"diskimage/unmerge ({spec.where('diskimage/unmerge')})")
+    if keys.in_chroot:
+        if keys.unmerge:
+            require_emerge(tree, f"diskimage/unmerge ({keys.where['diskimage/unmerge']})")
         check_can_execute(arch)
         with chroot_mounts(tree):
-            run_fsscript(tree, spec)
-            update_services(tree, spec, init)
-            unmerge_packages(tree, spec)
+            if keys.fsscript:
+                run_fsscript(tree, keys.fsscript)
+            update_services(tree, keys, init)
+            unmerge_packages(tree, keys)
     # From the host, after the chroot's mounts are gone.
-    remove_paths(tree, spec)
-    empty_directories(tree, spec)
-
+    remove_paths(tree, keys)
+    empty_directories(tree, keys)
