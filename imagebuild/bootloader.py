@@ -12,11 +12,11 @@ from pathlib import Path
 
 from imagebuild.chroot import chroot_mounts, chroot_run
 from imagebuild.config import Arch
-from imagebuild.configure import Kernel
 from imagebuild.errors import StageError
 from imagebuild.log import logger
 from imagebuild.mounts import remove_tree
 from imagebuild.render import render
+from imagebuild.stagefacts import Kernel
 from imagebuild.tree import Tree, kind
 
 # Built into the EFI binary so GRUB can read its config from the ESP and show it on the

@@ -18,17 +18,6 @@ from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
 from imagebuild.config import STANDIN_SOURCES, BuildConfig, Companion, InitSystem, Variant
-from imagebuild.configure import (
-    Kernel,
-    check_init_files,
-    clean_tree,
-    configure_cloudinit,
-    configure_console,
-    detect_init,
-    find_kernel,
-    kernel_cmdline,
-    write_system_files,
-)
 from imagebuild.disk import (
     DiskLayout,
     Identifiers,
@@ -39,6 +28,7 @@ from imagebuild.disk import (
     tree_size,
 )
 from imagebuild.errors import ConfigError, ImageError, StageError
+from imagebuild.hygiene import clean_tree
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.mirror import fetch_stage
 from imagebuild.mounts import note_resource
@@ -54,8 +44,10 @@ from imagebuild.output import (
 )
 from imagebuild.run import require_tools, run
 from imagebuild.stage2 import apply_stage2_keys
+from imagebuild.stagefacts import Kernel, check_init_files, detect_init, find_kernel
 from imagebuild.tree import Tree
 from imagebuild.unpack import unpack_stage
+from imagebuild.variant import configure_cloudinit, configure_console, kernel_cmdline, write_system_files
 from imagebuild.workspace import Workspace, output_lock
 
 BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup", "mount", "umount",
@@ -113,7 +105,7 @@ def acquire_stage(config: BuildConfig) -> Path:
     if source in STANDIN_SOURCES:
         return standin.ensure_standin(config.arch, config.cache_dir, STANDIN_SOURCES[source])
     if source == "mirror":
-        assert config.flavour is not None  # settings.resolve sets it for every mirror build
+        assert config.flavour is not None  # resolve() sets it for every mirror build
         # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
         return fetch_stage(config.mirror, config.arch, config.flavour, config.cache_dir, keyring=config.keyring,
                            trusted_keys=config.trusted_keys, allow_older=config.allow_older_stage,

@@ -160,7 +160,7 @@ def _placeholders(items: list[str]) -> list[tuple[str, str]]:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from imagebuild.product import make_image
-    from imagebuild.settings import Overrides, resolve
+    from imagebuild.resolve import Overrides, resolve
 
     placeholders = _placeholders(args.set)
     config = resolve(
@@ -239,7 +239,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
     from imagebuild.config import STANDIN_SOURCES
-    from imagebuild.settings import make_stamp
+    from imagebuild.resolve import make_stamp
     from imagebuild.spec import load_spec
     from imagebuild.stage1 import build_seed
     from imagebuild.standin import ensure_standin

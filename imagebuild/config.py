@@ -261,7 +261,7 @@ class BuildConfig:
     image_name: str  # e.g. di-amd64-console-20261124T030000Z.qcow2
     stamp: str
     layout: ImageLayout
-    # The settings table's (imagebuild.options): no defaults here, settings.resolve gives them.
+    # The settings table's (imagebuild.options): no defaults here, resolve.resolve gives them.
     compression: Compression
     smoke_test: bool
     boot_timeout: float

@@ -15,6 +15,7 @@ from pathlib import Path
 from imagebuild import services
 from imagebuild.config import Arch, InitSystem, Variant
 from imagebuild.disk import DPS_ROOT_TYPE
+from imagebuild.hygiene import HISTORY_FILES
 from imagebuild.imagefs import DEFAULT_WORK_DIR, OpenedImage, open_image
 from imagebuild.tree import Tree
 
@@ -22,7 +23,6 @@ ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # PE/COFF machine field of an EFI executable, per architecture.
 _PE_MACHINE = {Arch.amd64: 0x8664, Arch.arm64: 0xAA64}
-_HISTORIES = (".bash_history", ".ash_history", ".sh_history", ".python_history", ".lesshst", ".viminfo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _hygiene_checks(img: OpenedImage, *, keep_caches: bool) -> list[Check]:
     machine_id = tree.stat("/etc/machine-id")
     keys = sorted(p.rpartition("/")[2] for p in tree.glob("/etc/ssh", "ssh_host_*"))
     homes = ["/root", *(h for h in tree.glob("/home", "*") if tree.is_dir(h))]
-    histories = [f"{h}/{n}" for h in homes for n in _HISTORIES if tree.lexists(f"{h}/{n}")]
+    histories = [f"{h}/{n}" for h in homes for n in HISTORY_FILES if tree.lexists(f"{h}/{n}")]
     scratch = [d for d in ("/tmp", "/var/tmp") if tree.is_dir(d) and tree.listdir(d)]
     caches = [d for d in ("/var/cache/distfiles", "/var/cache/binpkgs") if tree.is_dir(d) and tree.listdir(d)]
     checks = [

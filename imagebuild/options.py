@@ -2,11 +2,11 @@
 
 Each row names the setting, the spec key, the ``build`` flag and the release-config key that
 give it, its default, and the check its text must pass. The spec reader, the command line,
-the release config and ``settings.resolve`` (precedence: command line or release config, then
+the release config and ``resolve.resolve()`` (precedence: command line or release config, then
 the spec, then the default) are all derived from this table, in the manner of mkosi's
 ``SETTINGS``; specs/README.md documents the same rows (a test holds them together).
 
-Values are handled as text, as a spec writes them, until ``settings.resolve`` parses them.
+Values are handled as text, as a spec writes them, until ``resolve.resolve()`` parses them.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ YES_NO = choice("yes", "no")
 class Option:
     """One build setting and every place it can be given."""
 
-    name: str  # the BuildConfig field it resolves into (and settings.Overrides' field)
+    name: str  # the BuildConfig field it resolves into (and resolve.Overrides.settings' key)
     spec_key: str | None  # imagebuild/compression, or a Catalyst key such as diskimage/qcow2_size
     flag: str | None  # the build command's option
     release_key: str | None  # the release config's key

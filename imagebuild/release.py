@@ -199,7 +199,7 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
                 arches: Collection[Arch] | None = None, variants: Collection[ImageKind] | None = None,
                 sign: str | None = None) -> int:
     """Build, test and publish a release; 0 if every image passed, 1 if any failed."""
-    from imagebuild.settings import Overrides, make_stamp, resolve
+    from imagebuild.resolve import Overrides, make_stamp, resolve
 
     release = load_release_config(config_path)
     out = (output or release.output).resolve()

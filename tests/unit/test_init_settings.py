@@ -8,7 +8,7 @@ import pytest
 
 from imagebuild.config import Arch, InitSystem, Variant
 from imagebuild.errors import ConfigError
-from imagebuild.settings import Overrides, resolve
+from imagebuild.resolve import Overrides, resolve
 
 pytestmark = pytest.mark.unit
 

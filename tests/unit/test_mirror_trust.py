@@ -12,7 +12,7 @@ from imagebuild.config import Arch, Variant
 from imagebuild.errors import ConfigError, SpecError, StageError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, fingerprint_problem, normalize_fingerprint
 from imagebuild.pointers import parse_pointer
-from imagebuild.settings import Overrides, resolve
+from imagebuild.resolve import Overrides, resolve
 from imagebuild.spec import parse_spec_text
 
 pytestmark = pytest.mark.unit

@@ -13,7 +13,7 @@ from imagebuild.cli import _given_settings, _parser
 from imagebuild.config import Arch, Compression, Variant
 from imagebuild.errors import ConfigError, SpecError
 from imagebuild.release import _KEYS as RELEASE_KEYS
-from imagebuild.settings import Overrides, resolve
+from imagebuild.resolve import Overrides, resolve
 from imagebuild.spec import IMAGEBUILD_KEYS
 
 REPO = Path(__file__).resolve().parents[2]

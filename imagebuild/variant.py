@@ -7,7 +7,6 @@ systemctl (or rc-update) in a chroot, so the stage's own rules (aliases, Also=) 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from imagebuild import services
 from imagebuild.chroot import chroot_mounts, chroot_run
@@ -15,54 +14,8 @@ from imagebuild.config import Arch, ImageLayout, InitSystem, Variant
 from imagebuild.errors import StageError
 from imagebuild.log import logger
 from imagebuild.render import render
+from imagebuild.stagefacts import check_init_files
 from imagebuild.tree import Tree
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """The kernel an image boots, as file names relative to /boot."""
-
-    image: str
-    initrd: str | None
-    version: str
-
-
-def detect_init(tree: Tree) -> InitSystem:
-    if (init := services.init_of(tree)) is not None:
-        return init
-    raise StageError(
-        "cannot tell the stage's init system: neither systemd (/usr/lib/systemd/systemd) nor OpenRC "
-        "(/sbin/openrc) is in the stage",
-        hint="use a Gentoo systemd or OpenRC stage3/seed",
-    )
-
-
-def _version_key(version: str) -> list[object]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
-
-
-def find_kernel(tree: Tree) -> Kernel:
-    """The newest kernel in the stage's /boot and its initramfs (Gentoo's or Debian's names)."""
-    kernels = []
-    for name in tree.listdir("/boot") if tree.is_dir("/boot") else []:
-        match = re.fullmatch(r"(?:vmlinuz|vmlinux|kernel|Image)-(.+)", name)
-        if match and tree.is_file(f"/boot/{name}") and not name.endswith((".old", ".sig")):
-            kernels.append((match.group(1), name))
-    if not kernels:
-        raise StageError(
-            "the stage has no kernel in /boot (no vmlinuz-*, kernel-* or Image-*)",
-            hint="use a diskimage seed with a kernel (Catalyst's boot/kernel, or emerge "
-            "sys-kernel/gentoo-kernel-bin with USE=initramfs)",
-        )
-    version, image = max(kernels, key=lambda k: _version_key(k[0]))
-    initrd = None
-    for name in (f"initramfs-{version}.img", f"initrd.img-{version}", f"initrd-{version}.img", f"initrd-{version}"):
-        if tree.is_file(f"/boot/{name}"):
-            initrd = name
-            break
-    if initrd is None:
-        logger.warning("no initramfs found for kernel %s: the kernel must mount XFS by itself", version)
-    return Kernel(image=image, initrd=initrd, version=version)
 
 
 def kernel_cmdline(arch: Arch, variant: Variant) -> str:
@@ -127,47 +80,6 @@ def enable_serial_getty(tree: Tree, arch: Arch) -> None:
                                                                  arch.serial_console))
 
 
-def check_init_files(tree: Tree, init: InitSystem, variant: Variant) -> None:
-    """Before anything is written: what the variant needs from the init is in the stage."""
-    if init == InitSystem.openrc:
-        if not tree.is_file(services.INITTAB):
-            raise StageError("the OpenRC stage has no /etc/inittab (sysvinit's)",
-                             hint="use a Gentoo OpenRC stage3 (sys-apps/sysvinit installs it)")
-        if not tree.lexists("/sbin/agetty"):
-            raise StageError("the OpenRC stage has no /sbin/agetty for the serial login",
-                             hint="use a complete stage3 (sys-apps/util-linux installs it)")
-        if not tree.lexists("/sbin/rc-update") and not tree.lexists("/usr/sbin/rc-update"):
-            raise StageError("the OpenRC stage has no rc-update", hint="use a complete OpenRC stage3")
-    if variant != Variant.cloudinit:
-        return
-    if not tree.lexists("/usr/bin/cloud-init"):
-        raise StageError(
-            "the stage has no cloud-init (/usr/bin/cloud-init is missing)",
-            hint="use a diskimage seed with app-emulation/cloud-init installed "
-            "(releng's diskimage-stage1-cloudinit.spec lists it)",
-        )
-    if init == InitSystem.systemd:
-        if not services.units_present(tree, services.CLOUD_INIT_UNITS, vendor_only=True):
-            raise StageError(
-                "the stage's cloud-init ships none of the systemd units imagebuild knows "
-                f"({', '.join(services.CLOUD_INIT_UNITS)})",
-                hint="check the stage's cloud-init installation (USE=systemd?)",
-            )
-        if not services.units_present(tree, services.SSH_UNITS, vendor_only=True):
-            raise StageError("the stage has no sshd unit (sshd.service or ssh.service)",
-                             hint="use a seed with net-misc/openssh installed")
-        return
-    wanted = {**services.CLOUD_INIT_OPENRC, **services.CLOUD_OPENRC_SERVICES}
-    missing = [name for name in wanted if not services.openrc_service_exists(tree, name)]
-    if missing:
-        raise StageError(
-            f"the OpenRC stage lacks the services the cloud-init image runs: "
-            f"{', '.join(f'/etc/init.d/{n}' for n in missing)}",
-            hint="use a seed with app-emulation/cloud-init, net-misc/openssh and net-misc/dhcpcd "
-            "installed (releng's diskimage-stage1-cloudinit.spec lists them)",
-        )
-
-
 DEFAULT_CLOUD_USER = "gentoo"
 
 
@@ -226,27 +138,3 @@ def _set_root_password_field(tree: Tree, value: str) -> None:
     else:
         raise StageError("the stage's /etc/shadow has no root entry", hint="use a complete stage3")
     tree.write_text("/etc/shadow", "".join(lines), mode=0o640)
-
-
-_HISTORY_FILES = (".bash_history", ".ash_history", ".sh_history", ".python_history", ".lesshst", ".viminfo")
-
-
-def clean_tree(tree: Tree) -> None:
-    """Hygiene: nothing of the build host or of one machine's identity ships in the image."""
-    # An empty machine-id: systemd makes a new one at first boot and treats the system as
-    # initialised (Catalyst does the same). A machine-id that is a symlink (to
-    # /run/machine-id, say) is replaced by the empty file.
-    tree.write_text("/etc/machine-id", "", mode=0o444)
-    if tree.lstat("/var/lib/dbus/machine-id") is not None and not tree.is_symlink("/var/lib/dbus/machine-id"):
-        tree.unlink("/var/lib/dbus/machine-id")
-    tree.unlink("/var/lib/systemd/random-seed")
-    for key in tree.glob("/etc/ssh", "ssh_host_*") if tree.is_dir("/etc/ssh") else []:
-        tree.remove(key)
-    homes = ["/root", *(h for h in tree.glob("/home", "*") if tree.is_dir(h) and not tree.is_symlink(h))]
-    for home in homes:
-        if tree.is_dir(home):
-            for name in _HISTORY_FILES:
-                tree.remove(f"{home}/{name}")
-    for scratch in ("/tmp", "/var/tmp", "/var/cache/distfiles", "/var/cache/binpkgs"):
-        if tree.is_dir(scratch) and not tree.is_symlink(scratch):
-            tree.empty(scratch)
