@@ -204,6 +204,17 @@ def check_cloud_init_done(session: GuestSession) -> tuple[bool, str]:
     return False, f"cloud-init status {status!r}, exit {result.status}: {summary}"
 
 
+def check_cloud_init_config_valid(session: GuestSession) -> tuple[bool, str]:
+    """cloud-init found no schema error in the image's configuration or the seed's (it warns and
+    goes on, so 'done' alone does not show it)."""
+    result = session.run("sudo -n grep -h 'Invalid cloud-config' /var/log/cloud-init.log")
+    if result.status == 1:  # grep: no line matched
+        return True, "no schema warnings in /var/log/cloud-init.log"
+    if result.status == 0:
+        return False, f"cloud-init reports an invalid configuration: {_last_line(result)[-300:]}"
+    return False, _command_failed(result, "grep /var/log/cloud-init.log")
+
+
 def check_hostname(session: GuestSession) -> tuple[bool, str]:
     want = str(session.facts["seed_hostname"])
     got = _last_line(session.run("hostname"))
@@ -277,6 +288,7 @@ def check_sshd_listening(session: GuestSession) -> tuple[bool, str]:
 
 
 CLOUD_INIT_DONE = Check("cloud-init-done", check_cloud_init_done)
+CLOUD_INIT_CONFIG_VALID = Check("cloud-init-config-valid", check_cloud_init_config_valid)
 CLOUD_INIT_ON_CONSOLE = Check("cloud-init-on-serial-console", check_cloud_init_on_console)
 HOSTNAME_RESOLVES = Check("hostname-resolves", check_hostname_resolves)
 SSHD_LISTENING = Check("sshd-listening", check_sshd_listening)
@@ -292,5 +304,5 @@ def checks_for(variant: Variant) -> list[Check]:
     if variant is Variant.console:
         return [*COMMON_CHECKS, NOTHING_LISTENING, ROOT_LOGIN_EMPTY_PASSWORD]
     # cloud-init first: the other checks need what it configures (the root grown, keys made).
-    return [CLOUD_INIT_DONE, *COMMON_CHECKS, HOSTNAME, HOSTNAME_RESOLVES, SEEDED_LOGIN, ROOT_LOGIN_REFUSED,
+    return [CLOUD_INIT_DONE, CLOUD_INIT_CONFIG_VALID, *COMMON_CHECKS, HOSTNAME, HOSTNAME_RESOLVES, SEEDED_LOGIN, ROOT_LOGIN_REFUSED,
             HOST_KEYS, SSHD_LISTENING, CLOUD_INIT_ON_CONSOLE, ROOT_GROWN]

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.boot
 EXPECTED_CHECKS = {
     "console": ["arch", "root-xfs", "boot-vfat", "no-failed-units", "nothing-listening",
                 "root-login-empty-password"],
-    "cloud-init": ["cloud-init-done", "arch", "root-xfs", "boot-vfat", "no-failed-units",
+    "cloud-init": ["cloud-init-done", "cloud-init-config-valid", "arch", "root-xfs", "boot-vfat", "no-failed-units",
                    "hostname-from-seed", "hostname-resolves", "seeded-login", "root-empty-password-refused",
                    "ssh-host-keys-made-at-boot", "sshd-listening", "cloud-init-on-serial-console",
                    "root-grown-to-disk"],

@@ -131,3 +131,11 @@ def test_cloud_init_on_the_serial_console() -> None:
     assert checks.check_cloud_init_on_console(session({}, printed=everything))[0]
     passed, detail = checks.check_cloud_init_on_console(session({}, printed="ci-info: +--+\n"))
     assert not passed and "its final message, the SSH host keys" in detail
+
+
+def test_cloud_init_config_valid() -> None:
+    assert checks.check_cloud_init_config_valid(session({"Invalid cloud-config": (1, "")}))[0]
+    warned = "2026-12-04 23:18:36,364 - schema.py[WARNING]: Invalid cloud-config provided: Please run ...\n"
+    passed, detail = checks.check_cloud_init_config_valid(session({"Invalid cloud-config": (0, warned)}))
+    assert not passed and "schema.py[WARNING]" in detail
+    assert not checks.check_cloud_init_config_valid(session({"Invalid cloud-config": (2, "no such file")}))[0]
