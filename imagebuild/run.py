@@ -156,11 +156,18 @@ def output_stream(cmd: Sequence[str | os.PathLike[str]]) -> Iterator[IO[bytes]]:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             preexec_fn=die_with_parent())
     assert proc.stdout is not None
+    finished = False
     try:
         yield proc.stdout
+        finished = proc.stdout.read(1) == b""
     finally:
         proc.stdout.close()
-        stop(proc, grace=5.0)
+        if not finished:
+            stop(proc, grace=5.0)
+    # Read to its end, the program's exit status says whether its input was whole (zstd on a
+    # cut frame writes what it could and exits 1); a reader that stopped early stopped it.
+    if finished and proc.wait() != 0:
+        raise CommandError(f"command failed with exit status {proc.returncode}: {shlex.join(argv)}")
 
 
 def spawn(cmd: Sequence[str | os.PathLike[str]], *, stdout: IO[bytes] | int | None = subprocess.DEVNULL,

@@ -4,21 +4,27 @@ Faithfully: numeric owners, modes (setuid included), extended attributes (file
 capabilities), hardlinks, device nodes and timestamps survive. Safely: no member may land
 outside the root — absolute names, ``..`` components, and writing through a symlink that
 an earlier member created are all refused before anything is written for that member.
+Completely: the archive must end with tar's end-of-archive marker (two zero blocks) and the
+compressed stream must end where its format says it ends. Python's tarfile quietly treats a
+cut at a member boundary, or a damaged header, as the end; a stage cut short that way would
+build an image with files missing, so it is refused.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import lzma
 import os
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, cast
 
 from imagebuild.config import STAGE_SUFFIXES
-from imagebuild.errors import StageError
+from imagebuild.errors import CommandError, StageError
 from imagebuild.log import logger
 from imagebuild.run import output_stream
 
@@ -42,17 +48,34 @@ def _member_path(name: str, tarball: Path) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
+# Decompressors by the stream's magic number. xz goes through the xz program with -T0: Gentoo's
+# stage3s are made by pixz, in blocks that xz 5.4+ decompresses on every core; Python 3.11 has no
+# zstd module. Each program's exit status, and Python's gzip and bz2 readers, report a stream
+# that is cut short or followed by garbage (tarfile's own decompression checks neither).
+_PROGRAMS = {b"\xfd7zXZ\x00": ["xz", "-dc", "-q", "-T0", "--"], b"\x28\xb5\x2f\xfd": ["zstd", "-dc", "-q", "--"]}
+
+
 @contextlib.contextmanager
 def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
-    """A decompressed byte stream of ``tarball``; zstd goes through the zstd program."""
+    """A decompressed byte stream of ``tarball`` (or the file itself, an uncompressed tar)."""
     with open(tarball, "rb") as raw:
-        if raw.read(4) == b"\x28\xb5\x2f\xfd":
-            # Python 3.11 has no zstd module: the zstd program decompresses into tarfile.
-            with output_stream(["zstd", "-dc", "-q", "--", tarball]) as stream:
+        magic = raw.read(6)
+        raw.seek(0)
+        program = next((cmd for prefix, cmd in _PROGRAMS.items() if magic.startswith(prefix)), None)
+        if program is not None:
+            with output_stream([*program, tarball]) as stream:
                 yield stream
-        else:
-            raw.seek(0)
-            yield raw
+            return
+        reader: IO[bytes] | None = None
+        if magic.startswith(b"\x1f\x8b"):
+            reader = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif magic.startswith(b"BZh"):
+            reader = cast(IO[bytes], bz2.BZ2File(raw, "rb"))
+        if reader is not None:
+            with reader:
+                yield reader
+            return
+        yield raw
 
 
 class _Unpacker:
@@ -129,6 +152,44 @@ class _Unpacker:
             _apply_xattrs(member, Path(target))
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped reading headers: only a zero block is an end-of-archive."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _EndAwareTarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.imagebuild_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _check_complete(tf: tarfile.TarFile, tarball: Path) -> None:
+    """The archive ended with two zero blocks, and the (decompressed) stream ends after them."""
+    # tarfile's header errors (not in its stubs): EOFHeaderError is a zero block, the end-of-
+    # archive marker; EmptyHeaderError and TruncatedHeaderError mean the data simply stopped.
+    end = getattr(tf, "imagebuild_end", None)
+    if type(end).__name__ != "EOFHeaderError":
+        cut = end is None or type(end).__name__ in ("EmptyHeaderError", "TruncatedHeaderError")
+        why = "it stops without tar's end-of-archive marker" if cut else f"a header is damaged ({end})"
+        raise StageError(
+            f"stage tarball {tarball} is incomplete: {why} ({tf.offset} bytes in)",
+            hint="the download or copy was cut short or damaged; fetch it again and check it against its "
+            ".DIGESTS file",
+        )
+    assert tf.fileobj is not None
+    second = tf.fileobj.read(tarfile.BLOCKSIZE)
+    if second != bytes(tarfile.BLOCKSIZE):
+        raise StageError(
+            f"stage tarball {tarball} is incomplete: its end-of-archive marker is one zero block, not two",
+            hint="the archive was cut short; fetch it again and check it against its .DIGESTS file",
+        )
+    # Read to the end: the decompressor checks that its stream ends properly (xz, gzip, bzip2
+    # here; zstd's exit status in run.output_stream).
+    while tf.fileobj.read(1 << 20):
+        pass
+
+
 def _trusted(member: tarfile.TarInfo, _dest: str) -> tarfile.TarInfo:
     # Every member has passed _Unpacker.check; keep setuid bits and owners intact.
     return member
@@ -155,14 +216,16 @@ def unpack_stage(tarball: Path, root: Path) -> int:
     root.mkdir(parents=True, exist_ok=True)
     unpacker = _Unpacker(tarball, root)
     try:
-        with _open_stream(tarball) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+        with _open_stream(tarball) as stream, \
+                tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tf:
             tf.errorlevel = 2
             for member in tf:
                 unpacker.extract(tf, member)
+            _check_complete(tf, tarball)
             unpacker.finish(tf)
     except StageError:
         raise
-    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as exc:
+    except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError, CommandError) as exc:
         if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
             raise StageError(
                 f"no space left while unpacking {tarball} into {root}",

@@ -148,3 +148,86 @@ def test_not_a_tarball(tmp_path: Path) -> None:
 def test_missing_tarball(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="does not exist"):
         unpack_stage(tmp_path / "nope.tar", tmp_path / "root")
+
+
+# --- whole archives only ----------------------------------------------------------------------
+# Archives made by GNU tar, as stages are, then cut or damaged the ways downloads and copies are.
+
+def _gnu_tar(tmp_path: Path, compress: list[str] | None = None) -> Path:
+    """A three-file archive by GNU tar (two zero blocks at the end, padded to 10 KiB), optionally
+    compressed by the real tool."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    for name, size in (("etc/a", 3000), ("etc/b", 700), ("etc/c", 5)):
+        (tree / name).write_bytes(os.urandom(size))
+    tarball = tmp_path / "stage.tar"
+    subprocess.run(["tar", "-C", str(tree), "-cf", str(tarball), "."], check=True)
+    if compress:
+        subprocess.run([*compress, str(tarball)], check=True)
+        return next(p for p in tmp_path.glob("stage.tar.*"))
+    return tarball
+
+
+def _members_end(tarball: Path) -> int:
+    """The byte offset where the last member's data (padded) ends: the end-of-archive marker."""
+    with tarfile.open(tarball) as tf:
+        last = tf.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
+
+
+def _refused(tarball: Path, tmp_path: Path, message: str) -> None:
+    with pytest.raises(StageError, match=message) as info:
+        unpack_stage(tarball, tmp_path / "root")
+    assert tarball.name in info.value.message and "DIGESTS" in (info.value.hint or "")
+
+
+def test_a_whole_gnu_tar_unpacks(tmp_path: Path) -> None:
+    unpack_stage(_gnu_tar(tmp_path), tmp_path / "root")
+    assert sorted(p.name for p in (tmp_path / "root/etc").iterdir()) == ["a", "b", "c"]
+
+
+def test_a_tar_cut_at_a_member_boundary_is_refused(tmp_path: Path) -> None:
+    tarball = _gnu_tar(tmp_path)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tarball.read_bytes()[: _members_end(tarball)])
+    _refused(cut, tmp_path, "incomplete: it stops without tar's end-of-archive marker")
+
+
+def test_a_tar_with_one_zero_block_is_refused(tmp_path: Path) -> None:
+    tarball = _gnu_tar(tmp_path)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tarball.read_bytes()[: _members_end(tarball) + 512])
+    _refused(cut, tmp_path, "one zero block, not two")
+
+
+def test_a_damaged_header_is_refused(tmp_path: Path) -> None:
+    tarball = _gnu_tar(tmp_path)
+    data = bytearray(tarball.read_bytes())
+    with tarfile.open(tarball) as tf:
+        third = tf.getmembers()[3]
+    data[third.offset:third.offset + 100] = b"\xff" * 100  # the name and the checksum no longer agree
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(bytes(data))
+    _refused(damaged, tmp_path, "incomplete: a header is damaged")
+
+
+@pytest.mark.parametrize("tool", [["xz", "-q"], ["gzip", "-q"], ["bzip2", "-q"], ["zstd", "-q", "--rm"]])
+def test_a_cut_compressed_stream_is_refused(tmp_path: Path, tool: list[str]) -> None:
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} is not installed")
+    compressed = _gnu_tar(tmp_path, tool)
+    cut = tmp_path / f"cut{compressed.suffix}"
+    cut.write_bytes(compressed.read_bytes()[:-12])  # the stream's end (checksum, end marker) is gone
+    with pytest.raises(StageError, match="corrupt, truncated or not a tar archive|incomplete"):
+        unpack_stage(cut, tmp_path / "root")
+
+
+@pytest.mark.parametrize("tool", [["xz", "-q"], ["gzip", "-q"], ["zstd", "-q", "--rm"]])
+def test_garbage_after_the_compressed_stream_is_refused(tmp_path: Path, tool: list[str]) -> None:
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} is not installed")
+    compressed = _gnu_tar(tmp_path, tool)
+    garbage = tmp_path / f"garbage{compressed.suffix}"
+    garbage.write_bytes(compressed.read_bytes() + b"this is not part of the archive" * 10)
+    with pytest.raises(StageError, match="corrupt, truncated or not a tar archive|incomplete"):
+        unpack_stage(garbage, tmp_path / "root")
