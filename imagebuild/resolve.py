@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -117,8 +118,21 @@ class _Values:
         return value
 
 
+# What may become one component of a path: a stamp, an image's file name (a documented set;
+# no '/', no leading '.', no whitespace or control characters).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def check_stamp(stamp: str) -> str:
+    if not PLAIN_NAME.fullmatch(stamp):
+        raise ConfigError(f"--stamp {stamp!r} is not a plain name: it becomes part of file names",
+                          hint="use letters, digits, '.', '_', '+' and '-' (Gentoo's stamps look like "
+                          "20261124T031854Z)")
+    return stamp
+
+
 def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
-    stamp = opts.stamp or make_stamp()
+    stamp = check_stamp(opts.stamp) if opts.stamp else make_stamp()
     init_hint = opts.init or STANDIN_SOURCES.get(opts.stage or "")
     spec_path = opts.spec or default_spec(arch, variant, init_hint or InitSystem.systemd)
     placeholders = {"TIMESTAMP": stamp, **dict(opts.placeholders)}
@@ -205,11 +219,12 @@ def _check_matches(spec: Spec, arch: Arch, variant: Variant) -> None:
 def _image_name(spec: Spec, arch: Arch, kind: ImageKind, stamp: str) -> str:
     name = spec.get("diskimage/qcow2")
     if name and name.lower() not in ("yes", "true") and name.endswith(".qcow2"):
-        if "/" in name or "@" in name:
+        if not PLAIN_NAME.fullmatch(name):
             raise ConfigError(
                 f"{spec.where('diskimage/qcow2')}: '{name}' is not a plain file name"
                 " (or has an unexpanded placeholder)",
-                hint="write a file name such as di-amd64-console-@TIMESTAMP@.qcow2",
+                hint="write a file name of letters, digits, '.', '_', '+' and '-', such as "
+                "di-amd64-console-@TIMESTAMP@.qcow2",
             )
         return name
     return f"di-{arch.value}-{kind.file_part}-{stamp}.qcow2"

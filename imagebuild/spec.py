@@ -14,8 +14,11 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from imagebuild import options
 from imagebuild.config import Arch
@@ -172,7 +175,7 @@ def _render(text: str, path: Path, variables: Mapping[str, object]) -> list[tupl
     gets an invisible marker (``\\ue000N\\ue001``) at its end before rendering; an output line
     belongs to the first marker at or after it.
     """
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = _SpecSandbox(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         rendered = env.from_string(_mark_lines(text)).render(dict(variables))
     except Exception:
@@ -183,6 +186,8 @@ def _render(text: str, path: Path, variables: Mapping[str, object]) -> list[tupl
         except Exception as exc:  # the template is user code: any failure is the spec's
             if isinstance(exc, jinja2.TemplateSyntaxError):
                 line, problem = exc.lineno, f"jinja2 syntax error: {exc.message}"
+            elif isinstance(exc, SecurityError):
+                line, problem = _template_line(exc), f"jinja2 expression refused: {exc} (a spec is data, not a program)"
             else:
                 line, problem = _template_line(exc), f"jinja2 error: {exc}"
             given = ", ".join(sorted(variables)) or "none"
@@ -190,6 +195,23 @@ def _render(text: str, path: Path, variables: Mapping[str, object]) -> list[tupl
                             hint=f"fix the jinja2 expression; variables given: {given}") from None
         return list(enumerate(plain.split("\n"), start=1))
     return _unmark_lines(rendered)
+
+
+class _SpecSandbox(ImmutableSandboxedEnvironment):
+    """jinja2 for specs: no attributes of Python's internals, nothing mutated, only the variables
+    imagebuild passes, and no expression that builds a huge value (``'x' * 10**12``)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+    _LIMIT = 1 << 20  # characters or items; a spec is a few KiB
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise SecurityError(f"the exponent {right} is too large")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(count, int) and len(seq) * count > self._LIMIT:
+                    raise SecurityError(f"the result would be longer than {self._LIMIT} items")
+        return super().call_binop(context, operator, left, right)
 
 
 def _mark_lines(text: str) -> str:

@@ -49,3 +49,17 @@ def test_the_spec_profile_decides_the_stand_in(tmp_path: Path) -> None:
 def test_a_stand_in_of_the_other_init_is_refused() -> None:
     with pytest.raises(ConfigError, match="--stage standin-openrc is the openrc stand-in, but --init systemd"):
         build(stage="standin-openrc", init=InitSystem.systemd)
+
+
+@pytest.mark.parametrize("stamp", ["x/../../escape", "../up", ".hidden", "two\nlines", "a b", "x" * 201])
+def test_a_stamp_that_is_not_a_plain_name_is_refused(stamp: str) -> None:
+    with pytest.raises(ConfigError, match="is not a plain name"):
+        resolve(Arch.amd64, Variant.console, Overrides(stamp=stamp, settings={"stage": "standin"}))
+
+
+@pytest.mark.parametrize("name", ["../escape.qcow2", "sub/dir.qcow2", "di-@STAMP@.qcow2", ".hidden.qcow2"])
+def test_an_image_name_that_is_not_a_plain_name_is_refused(tmp_path: Path, name: str) -> None:
+    spec = tmp_path / "evil.spec"
+    spec.write_text(f"subarch: amd64\ndiskimage/qcow2: {name}\n")
+    with pytest.raises(ConfigError, match="is not a plain file name"):
+        resolve(Arch.amd64, Variant.console, Overrides(spec=spec, stamp=STAMP, settings={"stage": "standin"}))

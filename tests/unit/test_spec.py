@@ -420,3 +420,19 @@ def test_shipped_specs_are_all_there() -> None:
                    for p in (REPO / "specs").rglob("*.spec"))
     assert found == sorted(f"{arch}/{variant}{init}.spec" for arch in ("amd64", "arm64")
                            for variant in ("cloud-init", "console") for init in ("", "-openrc"))
+
+
+@pytest.mark.parametrize("expression", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.system('touch /tmp/imagebuild-pwned') }}",
+    "{{ lipsum.__globals__['os']._exit(0) }}",
+    "{{ 'x' * 10**12 }}",
+    "{{ 2 ** 100000 }}",
+    "{% set l = [1] %}{{ l.append(2) }}",
+])
+def test_spec_jinja2_is_sandboxed(expression: str) -> None:
+    """A spec is data: its jinja2 reaches no Python internals, mutates nothing, builds nothing huge."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec_text(f"subarch: amd64\nversion_stamp: {expression}\n", Path("evil.spec"))
+    assert caught.value.message.startswith("evil.spec:2: jinja2 expression refused"), caught.value.message
+    assert not Path("/tmp/imagebuild-pwned").exists()
