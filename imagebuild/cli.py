@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     smoke = sub.add_parser("smoke-test", parents=[common], help="boot an image under QEMU + edk2 and check it works")
     smoke.add_argument("image", type=Path)
+    _allow_backing_file(smoke)
     smoke.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     smoke.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     boot = sub.add_parser("qemu", parents=[common],
                           help="boot an image by hand, its serial console on this terminal (Ctrl-a x quits)")
     boot.add_argument("image", type=Path)
+    _allow_backing_file(boot)
     boot.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     boot.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     boot.add_argument("--memory", default="2G", help="guest memory (default 2G)")
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", parents=[common], help="audit an image offline (layout, boot files, hygiene, variant)")
     inspect.add_argument("image", type=Path)
+    _allow_backing_file(inspect)
     inspect.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
     inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
@@ -125,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="the stand-in's init system (default: systemd)")
     stage.add_argument("--cache-dir", type=Path, default=Path(options.default("cache_dir")))
     return parser
+
+
+def _allow_backing_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-backing-file", action="store_true",
+                        help="read an image that names a backing file or an external data file (refused by "
+                        "default: QEMU would read whatever path the image names)")
 
 
 def _option_help(option: options.Option) -> str:
@@ -191,11 +200,11 @@ def _image_identity(image: Path, arch: str | None, variant: str | None) -> tuple
     if not image.is_file():
         raise ImagebuildError(f"image {image} does not exist", hint="give the path of a .qcow2 image")
     manifest = Companion.manifest.of(image)
-    recorded: dict[str, str] = {}
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-    arch = arch or recorded.get("arch")
-    variant = variant or recorded.get("variant")
+    recorded: dict[str, object] = {}
+    if (not arch or not variant) and manifest.exists():
+        recorded = _read_manifest(manifest)
+    arch = arch or (str(recorded["arch"]) if recorded.get("arch") else None)
+    variant = variant or (str(recorded["variant"]) if recorded.get("variant") else None)
     if not arch or not variant:
         raise ImagebuildError(
             f"cannot tell the architecture and variant of {image} (no {manifest.name} beside it)",
@@ -204,24 +213,30 @@ def _image_identity(image: Path, arch: str | None, variant: str | None) -> tuple
     return Arch.parse(arch), Variant.parse(variant)
 
 
+def _read_manifest(manifest: Path) -> dict[str, object]:
+    """The build manifest beside an image: a small JSON object, or one message saying what is wrong."""
+    problem = ""
+    try:
+        if not manifest.is_file() or manifest.stat().st_size > 1 << 20:
+            problem = "it is not a regular file of at most 1 MiB"
+        else:
+            data = json.loads(manifest.read_bytes())
+            if isinstance(data, dict):
+                return data
+            problem = "it is not a JSON object"
+    except (OSError, ValueError) as exc:
+        problem = f"it cannot be read as JSON ({exc})"
+    raise ImagebuildError(f"the build manifest {manifest} is unusable: {problem}",
+                          hint="pass --arch and --variant, or remove the file")
+
+
 def _cmd_smoke_test(args: argparse.Namespace) -> int:
     from imagebuild.smoketest import smoke_test
 
     arch, variant = _image_identity(args.image, args.arch, args.variant)
     result = smoke_test(args.image, arch=arch, variant=variant, results_dir=args.results or args.image.resolve().parent,
-                        boot_timeout=args.boot_timeout)
+                        boot_timeout=args.boot_timeout, allow_backing_file=args.allow_backing_file)
     return _smoke_verdict(args.image, result)
-
-
-def _inspect(image: Path, arch: Arch, variant: Variant, json_path: Path | None = None,
-             keep_caches: bool = False, work_dir: Path | None = None) -> int:
-    from imagebuild.inspect import DEFAULT_WORK_DIR, inspect_image
-
-    report = inspect_image(image, arch, variant, keep_caches=keep_caches, work_dir=work_dir or DEFAULT_WORK_DIR)
-    print(report.table())
-    if json_path:
-        json_path.write_text(report.to_json())
-    return 0 if report.passed else EXIT_FAILED
 
 
 def _cmd_qemu(args: argparse.Namespace) -> int:
@@ -229,12 +244,20 @@ def _cmd_qemu(args: argparse.Namespace) -> int:
 
     arch, variant = _image_identity(args.image, args.arch, args.variant)
     return boot_interactively(args.image, arch, variant, memory=args.memory, cpus=args.cpus,
-                              writable=args.writable, ssh_port=args.ssh_port)
+                              writable=args.writable, ssh_port=args.ssh_port,
+                              allow_backing_file=args.allow_backing_file)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from imagebuild.inspect import inspect_image
+
     arch, variant = _image_identity(args.image, args.arch, args.variant)
-    return _inspect(args.image, arch, variant, args.json, args.keep_caches, args.work_dir.resolve())
+    report = inspect_image(args.image, arch, variant, keep_caches=args.keep_caches, work_dir=args.work_dir.resolve(),
+                           allow_backing_file=args.allow_backing_file)
+    print(report.table())
+    if args.json:
+        args.json.write_text(report.to_json())
+    return 0 if report.passed else EXIT_FAILED
 
 
 def _cmd_stage1(args: argparse.Namespace) -> int:

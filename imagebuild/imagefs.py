@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imagebuild import options
-from imagebuild.errors import ImagebuildError
+from imagebuild.errors import CommandError, ImagebuildError, ImageError
 from imagebuild.mounts import LoopDevice, mounted
 from imagebuild.run import run
 from imagebuild.workspace import Workspace
@@ -77,6 +77,49 @@ def gpt_sector_size(head: bytes) -> int | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageHeader:
+    """What a qcow2 image's header says, read without opening any other file."""
+
+    virtual_size: int
+    backing_file: str | None
+    data_file: str | None
+
+
+def read_header(image: Path, *, allow_external: bool = False) -> ImageHeader:
+    """The header of ``image``, an untrusted qcow2 file; ImageError unless it is a qcow2 file
+    standing alone. A backing file or an external data file would make QEMU and qemu-img read a
+    path the image names — a host file, a host disk — so such an image is refused unless the
+    user allows it (``allow_external``: --allow-backing-file). ``qemu-img info`` reads only the
+    image itself (-U: even while a QEMU holds it open)."""
+    if not image.is_file():
+        raise ImageError(f"image {image} does not exist or is not a file",
+                         hint="give the path of a .qcow2 image (build one with: imagebuild build ARCH VARIANT)")
+    try:
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)
+    except (CommandError, ValueError) as exc:
+        raise ImageError(f"cannot read image {image}: {exc}", hint="is it a qcow2 image?") from exc
+    if info.get("format") != "qcow2":
+        raise ImageError(
+            f"{image} is not a qcow2 image (qemu-img reads it as {info.get('format')})",
+            hint=f"convert it: qemu-img convert -O qcow2 {image} {image.with_suffix('.qcow2')}",
+        )
+    header = ImageHeader(
+        virtual_size=int(info.get("virtual-size", 0)),
+        backing_file=info.get("full-backing-filename") or info.get("backing-filename"),
+        data_file=info.get("format-specific", {}).get("data", {}).get("data-file"),
+    )
+    external = [f"backing file {header.backing_file}" if header.backing_file else "",
+                f"external data file {header.data_file}" if header.data_file else ""]
+    if any(external) and not allow_external:
+        raise ImageError(
+            f"{image} names another file to read: {' and '.join(e for e in external if e)}",
+            hint="a published image stands alone; if you made this overlay yourself and trust what it names, "
+            "pass --allow-backing-file (or flatten it: qemu-img convert -O qcow2 IMAGE FLAT.qcow2)",
+        )
+    return header
+
+
 def image_sector_size(image: Path) -> int:
     """The sector size of a qcow2 image's GPT (512 when it has none: let the boot tell)."""
     with tempfile.TemporaryDirectory(prefix="imagebuild-head-") as tmp:
@@ -105,15 +148,11 @@ DEFAULT_WORK_DIR = Path(options.default("work_dir"))
 
 
 @contextlib.contextmanager
-def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR) -> Iterator[OpenedImage]:
+def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external: bool = False
+               ) -> Iterator[OpenedImage]:
     """Open ``image`` read-only: a raw copy, loop devices and a mount, all in a workspace
     under ``work_dir`` (so a killed audit's loop devices are detached by the next run)."""
-    info = json.loads(run(["qemu-img", "info", "--output=json", image], check=False).stdout or b"{}")
-    if info.get("format") != "qcow2":
-        raise ImagebuildError(
-            f"{image} is not a qcow2 image (qemu-img sees '{info.get('format', 'nothing readable')}')",
-            hint="give the .qcow2 file a build produced",
-        )
+    read_header(image, allow_external=allow_external)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(Workspace(work_dir, "audit"))
         raw = work / "disk.raw"

@@ -7,7 +7,6 @@ power off, write the results (JSON, JUnit XML, console log).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,10 +14,9 @@ from pathlib import Path
 
 from imagebuild import options
 from imagebuild.config import Arch, Companion, Variant
-from imagebuild.errors import CommandError, SmokeTestError
-from imagebuild.imagefs import image_sector_size
+from imagebuild.imagefs import image_sector_size, read_header
 from imagebuild.log import complete_step, logger
-from imagebuild.run import find_tool, run
+from imagebuild.run import find_tool
 from imagebuild.smoketest.checks import GuestSession, checks_for, run_checks
 from imagebuild.smoketest.console import (
     TCG_FACTOR,
@@ -56,23 +54,25 @@ def smoke_test(
     memory: str = "2G",
     cpus: int = 2,
     write_seed: Callable[[Seed, Path], Path] = write_seed_iso,
+    allow_backing_file: bool = False,
 ) -> SmokeResult:
     """Boot ``image`` and run the checks for ``variant``; the result says whether it passed.
 
-    SmokeTestError means the test could not run at all (missing image, firmware, QEMU); a
+    SmokeTestError (ImageError for an image that is not a lone qcow2 file) means the test could
+    not run at all (missing image, firmware, QEMU); a
     guest that fails to boot or fails a check is a result with ``passed`` False.
     ``write_seed`` makes the cloud-init image's NoCloud seed disk (another tool's seed, say).
     """
     image = Path(image).resolve()
     results_dir = Path(results_dir).resolve()
-    validate_image(image)
+    header = read_header(image, allow_external=allow_backing_file)
     find_tool(arch.qemu_system)
     firmware = find_firmware(arch)
     results_dir.mkdir(parents=True, exist_ok=True)
     accel = "kvm" if kvm_works(arch, firmware) else "tcg"
     paths = result_paths(image, results_dir)
     paths["screenshot"].unlink(missing_ok=True)  # a stale one would look like this run's
-    image_size = int(json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)["virtual-size"])
+    image_size = header.virtual_size
     sector_size = image_sector_size(image)
     seed = Seed.make() if variant is Variant.cloudinit else None
 
@@ -200,25 +200,6 @@ def result_paths(image: Path, results_dir: Path) -> dict[str, Path]:
         "qemu": Companion.qemu_log.of(image, results_dir),
         "screenshot": Companion.screenshot.of(image, results_dir),
     }
-
-
-def validate_image(image: Path) -> None:
-    """The image exists and is a qcow2 file, or SmokeTestError says how to fix it."""
-    if not image.is_file():
-        raise SmokeTestError(
-            f"image {image} does not exist", hint="build one first: imagebuild build ARCH VARIANT"
-        )
-    try:
-        # -U: read the header even if another QEMU holds the image open.
-        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)
-    except (CommandError, ValueError) as exc:
-        raise SmokeTestError(f"cannot read image {image}: {exc}") from exc
-    fmt = info.get("format")
-    if fmt != "qcow2":
-        raise SmokeTestError(
-            f"{image} is not a qcow2 image (qemu-img reads it as {fmt})",
-            hint=f"convert it: qemu-img convert -O qcow2 {image} {image.with_suffix('.qcow2')}",
-        )
 
 
 def take_screenshot(machine: QemuMachine, path: Path, result: SmokeResult) -> None:

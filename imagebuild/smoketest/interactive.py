@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 from imagebuild.config import Arch, Variant
-from imagebuild.imagefs import image_sector_size
+from imagebuild.imagefs import image_sector_size, read_header
 from imagebuild.log import logger
 from imagebuild.run import find_tool
-from imagebuild.smoketest import validate_image
 from imagebuild.smoketest.firmware import Firmware, find_firmware
 from imagebuild.smoketest.qemu import guest_args, kvm_works, network_args, run_qemu
 from imagebuild.smoketest.seed import Seed, write_seed_iso
@@ -44,10 +43,10 @@ def qemu_command(image: Path, arch: Arch, *, firmware: Firmware, vars_copy: Path
 
 
 def boot_interactively(image: Path, arch: Arch, variant: Variant, *, memory: str = "2G", cpus: int = 2,
-                       writable: bool = False, ssh_port: int | None = None) -> int:
+                       writable: bool = False, ssh_port: int | None = None, allow_backing_file: bool = False) -> int:
     """Boot ``image`` with its serial console on this terminal; QEMU's exit status."""
     image = image.resolve()
-    validate_image(image)
+    read_header(image, allow_external=allow_backing_file)
     firmware = find_firmware(arch)
     accel = "kvm" if kvm_works(arch, firmware) else "tcg"
     sector_size = image_sector_size(image)
