@@ -83,6 +83,7 @@ class _Unpacker:
         self.tarball = tarball
         self.root = root
         self.symlinks: set[PurePosixPath] = set()
+        self.files: set[PurePosixPath] = set()  # what a later hardlink may name
         self.directories: list[tuple[tarfile.TarInfo, str]] = []
         self.count = 0
 
@@ -101,6 +102,13 @@ class _Unpacker:
                 raise StageError(
                     f"unsafe stage tarball {self.tarball}: hardlink '{member.name}' goes through a symlink",
                     hint="do not use this tarball",
+                )
+            if target not in self.files:
+                raise StageError(
+                    f"stage tarball {self.tarball}: hardlink '{member.name}' points to '{member.linkname}', "
+                    "which is not an earlier member of the archive",
+                    hint="tar writes a hardlink after the file it links to; this tarball is damaged or was "
+                    "not made by tar: rebuild it",
                 )
             member.linkname = str(target)
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isdev()):
@@ -138,6 +146,8 @@ class _Unpacker:
             if member.issym():
                 # tarfile leaves a symlink's own timestamps at "now".
                 os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+            else:
+                self.files.add(path)
             _apply_xattrs(member, target)
         self.count += 1
 

@@ -231,3 +231,23 @@ def test_garbage_after_the_compressed_stream_is_refused(tmp_path: Path, tool: li
     garbage.write_bytes(compressed.read_bytes() + b"this is not part of the archive" * 10)
     with pytest.raises(StageError, match="corrupt, truncated or not a tar archive|incomplete"):
         unpack_stage(garbage, tmp_path / "root")
+
+
+@pytest.mark.parametrize(("name", "members"), [
+    ("missing", [{"name": "./a", "type": tarfile.LNKTYPE, "linkname": "./nothere"}]),
+    ("later", [{"name": "./a", "type": tarfile.LNKTYPE, "linkname": "./b"}, {"name": "./b", "data": b"x"}]),
+    ("itself", [{"name": "./a", "type": tarfile.LNKTYPE, "linkname": "./a"}]),
+    ("directory", [{"name": "./d", "type": tarfile.DIRTYPE}, {"name": "./a", "type": tarfile.LNKTYPE,
+                                                                "linkname": "./d"}]),
+])
+def test_a_hardlink_must_name_an_earlier_file(tmp_path: Path, name: str, members: list[dict]) -> None:
+    tarball = _tar(tmp_path / f"{name}.tar", members)
+    with pytest.raises(StageError, match="which is not an earlier member of the archive"):
+        unpack_stage(tarball, tmp_path / "root")
+
+
+def test_a_hardlink_to_an_earlier_file_is_a_hardlink(tmp_path: Path) -> None:
+    tarball = _tar(tmp_path / "ok.tar", [{"name": "./b", "data": b"x"},
+                                         {"name": "./a", "type": tarfile.LNKTYPE, "linkname": "./b"}])
+    unpack_stage(tarball, tmp_path / "root")
+    assert (tmp_path / "root/a").stat().st_ino == (tmp_path / "root/b").stat().st_ino
