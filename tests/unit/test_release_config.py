@@ -34,6 +34,7 @@ from imagebuild.publish import (
 from imagebuild.release import load_release_config, parse_release_config, select
 
 from conftest import missing
+from loopback_mirror import stop_gpg_agent
 
 REPO = Path(__file__).resolve().parents[2]
 STAMPS = ["20261103T000000Z", "20261110T000000Z", "20261117T000000Z", "20261124T000000Z"]
@@ -413,7 +414,7 @@ def test_signals_wait_until_publishing_is_done() -> None:
 
 
 @pytest.mark.integration
-def test_signed_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_signed_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     import shutil
 
     if shutil.which("gpg") is None:
@@ -421,6 +422,8 @@ def test_signed_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     monkeypatch.setenv("GNUPGHOME", str(home))
+    # Signing starts a gpg-agent for this GNUPGHOME: end it with the test, not with the machine.
+    request.addfinalizer(lambda: stop_gpg_agent(home))
     subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
                     "Release Test <release@example.invalid>", "ed25519", "sign", "never"],
                    check=True, capture_output=True)
