@@ -131,7 +131,3 @@ def with_serial_getty(text: str, tty: str) -> str:
     if not placed:
         out.append(serial_getty_line(tty))
     return "\n".join(out) + "\n"
-
-
-def init_name(init: InitSystem) -> str:
-    return {InitSystem.systemd: "systemd", InitSystem.openrc: "OpenRC"}[init]

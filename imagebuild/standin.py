@@ -166,14 +166,6 @@ def init_layer(arch: Arch, init: InitSystem) -> Layer:
                  customize_hooks=(HOSTNAME_HOOK, *hooks), files=files if files.is_dir() else None)
 
 
-def standin_path(arch: Arch, cache_dir: Path, init: InitSystem = InitSystem.systemd) -> Path:
-    return init_layer(arch, init).path(cache_dir)
-
-
-def recipe_hash(arch: Arch, init: InitSystem = InitSystem.systemd) -> str:
-    return init_layer(arch, init).hash()
-
-
 def ensure_standin(arch: Arch, cache_dir: Path, init: InitSystem = InitSystem.systemd) -> Path:
     """Return the cached stand-in tarball for ``arch`` and ``init``, building it first if needed."""
     layer = init_layer(arch, init)
