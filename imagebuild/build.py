@@ -42,16 +42,13 @@ from imagebuild.output import (
     write_contents,
     write_json,
 )
-from imagebuild.run import require_tools, run
+from imagebuild.run import BUILD_TOOLS, require_tools, run
 from imagebuild.stage2 import apply_stage2_keys
 from imagebuild.stagefacts import Kernel, check_init_files, detect_init, find_kernel
 from imagebuild.tree import Tree
 from imagebuild.unpack import unpack_stage
 from imagebuild.variant import configure_cloudinit, configure_console, kernel_cmdline, write_system_files
 from imagebuild.workspace import Workspace, output_lock
-
-BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup", "mount", "umount",
-               "chroot", "cp")
 
 
 @dataclasses.dataclass

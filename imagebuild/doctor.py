@@ -14,26 +14,6 @@ from imagebuild.config import Arch
 from imagebuild.errors import ImagebuildError
 from imagebuild.run import HOST_TOOLS
 
-# Host programs and why imagebuild needs them; run.HOST_TOOLS names their packages.
-_TOOLS = [
-    ("qemu-img", "qcow2 conversion, image checks"),
-    ("qemu-system-x86_64", "smoke test of amd64 images"),
-    ("qemu-system-aarch64", "smoke test of arm64 images"),
-    ("mkfs.xfs", "root filesystem"),
-    ("mkfs.vfat", "EFI system partition"),
-    ("mcopy", "filling the ESP without mounting FAT"),
-    ("mdir", "reading the ESP (inspect)"),
-    ("sgdisk", "partition type and GUIDs"),
-    ("sfdisk", "reading partition tables (inspect)"),
-    ("losetup", "loop devices"),
-    ("mount", "loop mounts, chroot binds"),
-    ("blkid", "filesystem labels (inspect)"),
-    ("gpg", "verifying stage3 signatures"),
-    ("zstd", ".tar.zst stages"),
-    ("mmdebstrap", "the offline stand-in stage only"),
-    ("arch-test", "the stand-in of a foreign architecture (mmdebstrap needs it)"),
-]
-
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
@@ -97,11 +77,10 @@ def _kvm() -> tuple[bool, str]:
 
 def diagnose() -> list[Finding]:
     findings = []
-    for tool, why in _TOOLS:
-        debian, gentoo = HOST_TOOLS[tool]
-        path = shutil.which(tool)
-        findings.append(Finding(tool, path is not None, path or f"missing — needed for {why}", debian, gentoo,
-                                required=tool != "mmdebstrap"))
+    for name, tool in HOST_TOOLS.items():
+        path = shutil.which(name)
+        findings.append(Finding(name, path is not None, path or f"missing — needed for {tool.why}", tool.debian,
+                                tool.gentoo, required=not tool.optional))
     for name, probe, debian, gentoo, required in _features():
         ok, detail = probe()
         findings.append(Finding(name, ok, detail, debian, gentoo, required))

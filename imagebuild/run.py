@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shlex
 import shutil
@@ -20,34 +21,52 @@ from typing import IO
 from imagebuild.errors import CommandError, ToolMissingError
 from imagebuild.log import logger
 
+
 # Host programs imagebuild calls, with the packages that provide them.
 # tool -> (Debian package, Gentoo package)
-HOST_TOOLS: dict[str, tuple[str, str]] = {
-    "qemu-img": ("qemu-utils", "app-emulation/qemu"),
-    "qemu-system-x86_64": ("qemu-system-x86", "app-emulation/qemu"),
-    "qemu-system-aarch64": ("qemu-system-arm", "app-emulation/qemu"),
-    "mkfs.xfs": ("xfsprogs", "sys-fs/xfsprogs"),
-    "mkfs.vfat": ("dosfstools", "sys-fs/dosfstools"),
-    "mcopy": ("mtools", "sys-fs/mtools"),
-    "mmd": ("mtools", "sys-fs/mtools"),
-    "mdir": ("mtools", "sys-fs/mtools"),
-    "mtype": ("mtools", "sys-fs/mtools"),
-    "sfdisk": ("fdisk", "sys-apps/util-linux"),
-    "blkid": ("util-linux", "sys-apps/util-linux"),
-    "sgdisk": ("gdisk", "sys-apps/gptfdisk"),
-    "losetup": ("mount", "sys-apps/util-linux"),
-    "mount": ("mount", "sys-apps/util-linux"),
-    "umount": ("mount", "sys-apps/util-linux"),
-    "chroot": ("coreutils", "sys-apps/coreutils"),
-    "cp": ("coreutils", "sys-apps/coreutils"),
-    "tar": ("tar", "app-arch/tar"),
-    "mmdebstrap": ("mmdebstrap", "(none: Debian-only tool for the stand-in stage)"),
-    "arch-test": ("arch-test", "(none: Debian-only, mmdebstrap's check for a foreign architecture)"),
-    "zstd": ("zstd", "app-arch/zstd"),
-    "xz": ("xz-utils", "app-arch/xz-utils"),
-    "bzip2": ("bzip2", "app-arch/bzip2"),
-    "gpg": ("gnupg", "app-crypt/gnupg"),
+@dataclasses.dataclass(frozen=True)
+class HostTool:
+    """A host program imagebuild runs: its packages, why it is needed, and whether every build
+    needs it (checked before the first step; doctor lists them all)."""
+
+    debian: str
+    gentoo: str
+    why: str
+    build: bool = False
+    optional: bool = False  # doctor reports it absent, not missing
+
+
+HOST_TOOLS: dict[str, HostTool] = {
+    "qemu-img": HostTool("qemu-utils", "app-emulation/qemu", "qcow2 conversion, image checks", build=True),
+    "qemu-system-x86_64": HostTool("qemu-system-x86", "app-emulation/qemu", "smoke test of amd64 images"),
+    "qemu-system-aarch64": HostTool("qemu-system-arm", "app-emulation/qemu", "smoke test of arm64 images"),
+    "mkfs.xfs": HostTool("xfsprogs", "sys-fs/xfsprogs", "root filesystem", build=True),
+    "mkfs.vfat": HostTool("dosfstools", "sys-fs/dosfstools", "EFI system partition", build=True),
+    "mcopy": HostTool("mtools", "sys-fs/mtools", "filling the ESP without mounting FAT", build=True),
+    "mmd": HostTool("mtools", "sys-fs/mtools", "directories on the ESP", build=True),
+    "mdir": HostTool("mtools", "sys-fs/mtools", "reading the ESP (inspect)"),
+    "mtype": HostTool("mtools", "sys-fs/mtools", "reading files on the ESP (inspect)"),
+    "sfdisk": HostTool("fdisk", "sys-apps/util-linux", "reading partition tables (inspect)"),
+    "blkid": HostTool("util-linux", "sys-apps/util-linux", "filesystem labels (inspect)"),
+    "sgdisk": HostTool("gdisk", "sys-apps/gptfdisk", "partition types and GUIDs", build=True),
+    "losetup": HostTool("mount", "sys-apps/util-linux", "loop devices", build=True),
+    "mount": HostTool("mount", "sys-apps/util-linux", "loop mounts, chroot mounts", build=True),
+    "umount": HostTool("mount", "sys-apps/util-linux", "undoing mounts", build=True),
+    "chroot": HostTool("coreutils", "sys-apps/coreutils", "commands inside the stage", build=True),
+    "cp": HostTool("coreutils", "sys-apps/coreutils", "copying the tree into the root filesystem", build=True),
+    "sync": HostTool("coreutils", "sys-apps/coreutils", "flushing the root filesystem", build=True),
+    "tar": HostTool("tar", "app-arch/tar", "diskimage-stage1 seeds"),
+    "zstd": HostTool("zstd", "app-arch/zstd", ".tar.zst stages"),
+    "xz": HostTool("xz-utils", "app-arch/xz-utils", ".tar.xz stages (Gentoo's stage3s)"),
+    "bzip2": HostTool("bzip2", "app-arch/bzip2", ".tar.bz2 seeds"),
+    "gpg": HostTool("gnupg", "app-crypt/gnupg", "verifying stage3 signatures, signing releases"),
+    "mmdebstrap": HostTool("mmdebstrap", "(none: Debian-only tool for the stand-in stage)",
+                           "the offline stand-in stage only", optional=True),
+    "arch-test": HostTool("arch-test", "(none: Debian-only, mmdebstrap's check for a foreign architecture)",
+                          "the stand-in of a foreign architecture (mmdebstrap needs it)", optional=True),
 }
+BUILD_TOOLS = tuple(name for name, tool in HOST_TOOLS.items() if tool.build)
+_UNKNOWN = HostTool("?", "?", "")
 
 
 _PR_SET_PDEATHSIG = 1
@@ -66,10 +85,10 @@ def find_tool(name: str) -> str:
     """Return the path of host program ``name`` or raise ToolMissingError naming its package."""
     path = shutil.which(name)
     if path is None:
-        debian, gentoo = HOST_TOOLS.get(name, ("?", "?"))
+        tool = HOST_TOOLS.get(name, _UNKNOWN)
         raise ToolMissingError(
             f"required host tool '{name}' is not installed",
-            hint=f"install it: Debian/Ubuntu 'apt-get install {debian}', Gentoo 'emerge {gentoo}'"
+            hint=f"install it: Debian/Ubuntu 'apt-get install {tool.debian}', Gentoo 'emerge {tool.gentoo}'"
             " (or run ci/setup to install every tool imagebuild needs)",
         )
     return path
@@ -80,8 +99,8 @@ def require_tools(*names: str) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     if not missing:
         return
-    packages = sorted({HOST_TOOLS.get(n, ("?", "?"))[0] for n in missing})
-    gentoo = sorted({HOST_TOOLS.get(n, ("?", "?"))[1] for n in missing})
+    packages = sorted({HOST_TOOLS.get(n, _UNKNOWN).debian for n in missing})
+    gentoo = sorted({HOST_TOOLS.get(n, _UNKNOWN).gentoo for n in missing})
     raise ToolMissingError(
         f"required host tool(s) not installed: {', '.join(missing)}",
         hint=f"Debian/Ubuntu: apt-get install {' '.join(packages)}; Gentoo: emerge {' '.join(gentoo)}"
