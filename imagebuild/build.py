@@ -17,7 +17,7 @@ from pathlib import Path
 from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
-from imagebuild.config import STANDIN_SOURCES, BuildConfig, Companion, InitSystem, Variant
+from imagebuild.config import BuildConfig, Companion, InitSystem, MirrorStage, StandinStage, TarballStage, Variant
 from imagebuild.disk import (
     DiskLayout,
     Identifiers,
@@ -99,15 +99,14 @@ def check_prerequisites(config: BuildConfig) -> None:
 def acquire_stage(config: BuildConfig) -> Path:
     """The stage tarball: the stand-in, a verified download from the mirror, or a local file."""
     source = config.stage
-    if source in STANDIN_SOURCES:
-        return standin.ensure_standin(config.arch, config.cache_dir, STANDIN_SOURCES[source])
-    if source == "mirror":
-        assert config.flavour is not None  # resolve() sets it for every mirror build
+    if isinstance(source, StandinStage):
+        return standin.ensure_standin(config.arch, config.cache_dir, source.init)
+    if isinstance(source, MirrorStage):
         # fetch_stage logs its own step ("Fetching the latest stage3-... from ...").
-        return fetch_stage(config.mirror, config.arch, config.flavour, config.cache_dir, keyring=config.keyring,
-                           trusted_keys=config.trusted_keys, allow_older=config.allow_older_stage,
+        return fetch_stage(source.url, config.arch, source.flavour, config.cache_dir, keyring=source.keyring,
+                           trusted_keys=source.trusted_keys, allow_older=source.allow_older,
                            progress=sys.stderr.isatty())
-    path = Path(source).expanduser().resolve()
+    path = source.path
     if not path.is_file():
         raise StageError(
             f"stage tarball {path} does not exist",
@@ -263,7 +262,7 @@ def _manifest(config: BuildConfig, stage: StageFacts, ids: Identifiers,
         "stamp": config.stamp,
         "spec": str(config.spec_path) if config.spec_path else None,
         "stage": {
-            "source": config.stage if config.stage in ("mirror", *STANDIN_SOURCES) else "local",
+            "source": {StandinStage: "standin", MirrorStage: "mirror", TarballStage: "local"}[type(config.stage)],
             "file": stage.tarball.name,
             "size": stage.tarball.stat().st_size,
             "stand_in": stage.stand_in,

@@ -251,12 +251,49 @@ class Stage2Keys:
 
 
 @dataclasses.dataclass(frozen=True)
+class StandinStage:
+    """The offline Debian-based stand-in stage of ``init`` (imagebuild.standin)."""
+
+    init: InitSystem
+
+    def __str__(self) -> str:
+        return f"standin-{self.init.value}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MirrorStage:
+    """The newest stage3 of ``flavour`` on a Gentoo mirror, its signed DIGESTS checked."""
+
+    url: str
+    flavour: str  # e.g. amd64-nomultilib-systemd
+    keyring: Path | None  # None: the Gentoo release key's usual places
+    trusted_keys: tuple[str, ...]  # primary fingerprints whose signatures count
+    allow_older: bool = False  # accept a pointer older than the newest seen (a warning)
+
+    def __str__(self) -> str:
+        return f"mirror {self.url} (stage3-{self.flavour})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TarballStage:
+    """A stage3 or seed tarball on this machine."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+StageSource = StandinStage | MirrorStage | TarballStage
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildConfig:
     """Everything a build needs, resolved and validated before the first step runs."""
 
     arch: Arch
     variant: Variant
-    stage: str  # "standin", "mirror", or a path to a stage tarball
+    stage: StageSource
     output_dir: Path
     image_name: str  # e.g. di-amd64-console-20261124T030000Z.qcow2
     stamp: str
@@ -265,16 +302,9 @@ class BuildConfig:
     compression: Compression
     smoke_test: bool
     boot_timeout: float
-    mirror: str
-    # Primary fingerprints whose signatures on the mirror's pointer and DIGESTS count.
-    trusted_keys: tuple[str, ...]
     work_dir: Path
     cache_dir: Path
-    keyring: Path | None = None
     spec_path: Path | None = None
-    flavour: str | None = None  # stage3 flavour on the mirror, e.g. amd64-nomultilib-systemd
-    # Accept a pointer older than the newest one seen for the flavour (a warning, not an error).
-    allow_older_stage: bool = False
     # Catalyst's diskimage-stage2 keys (fsscript, rcadd/rcdel, unmerge, rm, empty), checked.
     stage2: Stage2Keys = Stage2Keys()
     # The init the spec or the command line expects of the stage (None: whatever it runs).

@@ -22,6 +22,10 @@ from imagebuild.config import (
     ImageKind,
     ImageLayout,
     InitSystem,
+    MirrorStage,
+    StageSource,
+    StandinStage,
+    TarballStage,
     Variant,
     parse_size,
 )
@@ -156,20 +160,27 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         raise ConfigError(f"--stage {stage} is the {STANDIN_SOURCES[stage].value} stand-in, but --init "
                           f"{opts.init.value} was asked for",
                           hint=f"use --stage standin-{opts.init.value}, or leave out --init")
-    if stage == "standin" and init == InitSystem.openrc:
-        stage = "standin-openrc"  # the stand-in of the init the spec or --init asks for
-    keyring = values.text("keyring")
-    trusted = values.text("trusted_keys")
+    source: StageSource
+    if stage in STANDIN_SOURCES:
+        # Plain "standin" is the stand-in of the init the spec or --init asks for.
+        source = StandinStage((init or InitSystem.systemd) if stage == "standin" else STANDIN_SOURCES[stage])
+    elif stage == "mirror":
+        keyring = values.text("keyring")
+        trusted = values.text("trusted_keys")
+        source = MirrorStage(
+            url=values["mirror"],
+            flavour=_flavour(spec, arch),
+            keyring=Path(keyring).expanduser().resolve() if keyring else None,
+            trusted_keys=tuple(dict.fromkeys(normalize_fingerprint(word) or word for word in trusted.split()))
+            if trusted else (GENTOO_RELEASE_KEY_FINGERPRINT,),
+            allow_older=opts.allow_older_stage,
+        )
+    else:
+        source = TarballStage(Path(stage).expanduser().resolve())
     return BuildConfig(
         arch=arch,
         variant=variant,
-        stage=stage,
-        mirror=values["mirror"],
-        flavour=_flavour(spec, arch) if stage == "mirror" else None,
-        keyring=Path(keyring).expanduser().resolve() if keyring else None,
-        trusted_keys=tuple(dict.fromkeys(normalize_fingerprint(word) or word for word in trusted.split()))
-        if trusted else (GENTOO_RELEASE_KEY_FINGERPRINT,),
-        allow_older_stage=opts.allow_older_stage,
+        stage=source,
         output_dir=opts.output_dir.resolve(),
         image_name=image_name,
         stamp=stamp,

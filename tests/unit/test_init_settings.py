@@ -20,11 +20,11 @@ def build(variant: Variant = Variant.console, *, stage: str | None = None, spec:
     settings = {"stage": stage} if stage else {}
     config = resolve(Arch.amd64, variant, Overrides(stamp=STAMP, spec=spec, init=init, settings=settings))
     assert config.spec_path is not None
-    return config.stage, config.init, config.spec_path.name, config.image_name
+    return str(config.stage), config.init, config.spec_path.name, config.image_name
 
 
 def test_the_shipped_systemd_spec_by_default() -> None:
-    assert build(stage="standin") == ("standin", InitSystem.systemd, "console.spec",
+    assert build(stage="standin") == ("standin-systemd", InitSystem.systemd, "console.spec",
                                       f"di-amd64-console-{STAMP}.qcow2")
 
 
@@ -34,7 +34,8 @@ def test_openrc_picks_the_openrc_spec_and_stand_in(how: dict[str, object]) -> No
     stage, init, spec, image = build(Variant.cloudinit, **how)  # type: ignore[arg-type]
     assert (init, spec, image) == (InitSystem.openrc, "cloud-init-openrc.spec",
                                    f"di-amd64-cloudinit-openrc-{STAMP}.qcow2")
-    assert stage == ("mirror" if "stage" not in how else "standin-openrc")
+    assert stage == ("mirror https://distfiles.gentoo.org (stage3-amd64-openrc)" if "stage" not in how
+                     else "standin-openrc")
 
 
 def test_the_spec_profile_decides_the_stand_in(tmp_path: Path) -> None:
@@ -43,7 +44,7 @@ def test_the_spec_profile_decides_the_stand_in(tmp_path: Path) -> None:
     assert build(stage="standin", spec=spec) == ("standin-openrc", InitSystem.openrc, "mine.spec",
                                                  f"di-amd64-console-openrc-{STAMP}.qcow2")
     spec.write_text("subarch: amd64\nprofile: default/linux/amd64/23.0/no-multilib/systemd\n")
-    assert build(stage="standin", spec=spec)[:2] == ("standin", InitSystem.systemd)
+    assert build(stage="standin", spec=spec)[:2] == ("standin-systemd", InitSystem.systemd)
 
 
 def test_a_stand_in_of_the_other_init_is_refused() -> None:

@@ -51,8 +51,8 @@ def spec_file(tmp_path: Path, extra: str = "") -> Path:
 
 def test_trusted_keys_default_to_gentoos_release_key(tmp_path: Path) -> None:
     config = resolve(Arch.amd64, Variant.console, Overrides(spec=spec_file(tmp_path), stamp="20261124T000000Z"))
-    assert config.trusted_keys == (GENTOO_RELEASE_KEY_FINGERPRINT,)
-    assert config.allow_older_stage is False
+    assert config.stage.trusted_keys == (GENTOO_RELEASE_KEY_FINGERPRINT,)
+    assert config.stage.allow_older is False
 
 
 def _build_args(*flags: str) -> argparse.Namespace:
@@ -63,7 +63,7 @@ def _build_args(*flags: str) -> argparse.Namespace:
 def test_trusted_keys_from_the_spec(tmp_path: Path) -> None:
     spec = spec_file(tmp_path, f"imagebuild/trusted_keys: {OTHER.lower()}\n    {GENTOO_RELEASE_KEY_FINGERPRINT}\n")
     config = resolve(Arch.amd64, Variant.console, Overrides(spec=spec, stamp="20261124T000000Z"))
-    assert config.trusted_keys == (OTHER, GENTOO_RELEASE_KEY_FINGERPRINT)
+    assert config.stage.trusted_keys == (OTHER, GENTOO_RELEASE_KEY_FINGERPRINT)
 
 
 def test_command_line_trusted_keys_replace_the_spec_s(tmp_path: Path) -> None:
@@ -71,8 +71,8 @@ def test_command_line_trusted_keys_replace_the_spec_s(tmp_path: Path) -> None:
     config = resolve(Arch.amd64, Variant.console, Overrides(
         spec=spec, stamp="20261124T000000Z", allow_older_stage=True,
         settings=_given_settings(_build_args("--trusted-key", GENTOO_SPACED, "--trusted-key", GENTOO_SPACED))))
-    assert config.trusted_keys == (GENTOO_RELEASE_KEY_FINGERPRINT,)
-    assert config.allow_older_stage is True
+    assert config.stage.trusted_keys == (GENTOO_RELEASE_KEY_FINGERPRINT,)
+    assert config.stage.allow_older is True
 
 
 def test_a_key_id_on_the_command_line(tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ import pytest
 
 from imagebuild import options
 from imagebuild.cli import _given_settings, _parser
-from imagebuild.config import Arch, Compression, Variant
+from imagebuild.config import Arch, Compression, MirrorStage, Variant
 from imagebuild.errors import ConfigError, SpecError
+from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT
 from imagebuild.release import _KEYS as RELEASE_KEYS
 from imagebuild.resolve import Overrides, resolve
 from imagebuild.spec import IMAGEBUILD_KEYS
@@ -37,8 +38,9 @@ def test_defaults_when_nobody_says(tmp_path: Path) -> None:
     config = resolved(tmp_path, "")
     assert (config.compression, config.layout.sector_size, config.layout.size, config.boot_timeout) == \
         (Compression.zlib, 512, 20 * 2**30, 600.0)
-    assert config.stage == "mirror" and config.smoke_test is True
-    assert config.work_dir == Path("/var/tmp/imagebuild") and config.mirror == "https://distfiles.gentoo.org"
+    assert config.stage == MirrorStage("https://distfiles.gentoo.org", "amd64-systemd", None,
+                                       (GENTOO_RELEASE_KEY_FINGERPRINT,))
+    assert config.smoke_test is True and config.work_dir == Path("/var/tmp/imagebuild")
 
 
 def test_the_spec_beats_the_default(tmp_path: Path) -> None:
