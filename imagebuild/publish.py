@@ -179,6 +179,11 @@ def release_lock(out: Path) -> Iterator[None]:
 # -- staging ----------------------------------------------------------------------------------
 
 
+def staging_path(out: Path, stamp: str) -> Path:
+    """Where a release of ``stamp`` prepares its files before publishing them."""
+    return out / f"{STAGING_PREFIX}{stamp}"
+
+
 @contextlib.contextmanager
 def staging_area(out: Path, stamp: str) -> Iterator[Path]:
     """A fresh ``<out>/.staging-<stamp>/``, removed on every way out. Call with the lock held:
@@ -186,7 +191,7 @@ def staging_area(out: Path, stamp: str) -> Iterator[Path]:
     for stale in out.glob(f"{STAGING_PREFIX}*"):
         logger.warning("removing %s, left behind by a release that was killed", stale)
         remove_tree(stale)
-    staging = out / f"{STAGING_PREFIX}{stamp}"
+    staging = staging_path(out, stamp)
     staging.mkdir()
     try:
         yield staging
@@ -200,6 +205,35 @@ def refuse_existing(out: Path, stamp: str, arches: Iterable[Arch]) -> None:
     if clash:
         raise ConfigError(f"release {stamp} already exists in {out}: {', '.join(clash)}",
                           hint="give another --stamp (or none, for the current time)")
+
+
+@dataclasses.dataclass
+class Transaction:
+    """One publication in progress: images are gathered into staging; publish happens at the end."""
+
+    out: Path
+    staging: Path
+    stamp: str
+    results: list[ImageResult] = dataclasses.field(default_factory=list)
+
+    def add(self, result: ImageResult, source: Path, *, move: bool) -> None:
+        """Take ``result``'s files from ``source`` (moved, or hard-linked/copied) into the release."""
+        gather(result, source, self.staging, self.stamp, move=move)
+        self.results.append(result)
+
+
+@contextlib.contextmanager
+def transaction(out: Path, stamp: str, arches: Iterable[Arch], *, keep: int,
+                sign: str | None) -> Iterator[Transaction]:
+    """The one way to publish: take the output root's lock, refuse a stamp that exists, stage,
+    let the caller add images, then publish by rename (nothing of it is published if the block
+    fails or is interrupted). ``release`` and ``assemble`` both go through here."""
+    with release_lock(out):
+        refuse_existing(out, stamp, arches)
+        with staging_area(out, stamp) as staging:
+            txn = Transaction(out, staging, stamp)
+            yield txn
+            publish(out, staging, stamp, txn.results, keep=keep, sign=sign)
 
 
 def tree_dir(staging: Path) -> Path:
@@ -376,15 +410,11 @@ def assemble(parts: Sequence[Path], out: Path, *, keep: int, sign: str | None = 
                 raise ConfigError(f"{part}: files of {result.image} are missing: {', '.join(missing)}")
     if sign:
         check_signing_key(sign)
-    out = out.resolve()
     all_results = [r for _, _, results in loaded for r in results]
-    with release_lock(out):
-        refuse_existing(out, stamp, {r.arch for r in all_results})
-        with staging_area(out, stamp) as staging:
-            for part, _, results in loaded:
-                for result in results:
-                    gather(result, part / result_dir(result, stamp), staging, stamp, move=False)
-            publish(out, staging, stamp, all_results, keep=keep, sign=sign)
+    with transaction(out.resolve(), stamp, {r.arch for r in all_results}, keep=keep, sign=sign) as txn:
+        for part, _, results in loaded:
+            for result in results:
+                txn.add(result, part / result_dir(result, stamp), move=False)
     return all_results
 
 

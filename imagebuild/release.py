@@ -30,12 +30,9 @@ from imagebuild.publish import (
     assemble,
     check_signing_key,
     check_stamp,
-    gather,
-    publish,
-    refuse_existing,
-    release_lock,
-    staging_area,
+    staging_path,
     summary_table,
+    transaction,
 )
 from imagebuild.render import shipped_dir
 
@@ -206,7 +203,7 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
     stamp = check_stamp(stamp) if stamp else make_stamp()
     sign = sign or release.sign
     images = select(release, arches, variants)
-    staging = out / f".staging-{stamp}"
+    staging = staging_path(out, stamp)
     configs = [resolve(arch, kind.variant, Overrides(
         spec=release.specs.get((arch, kind)), init=kind.init, output_dir=staging / "build" / arch.value,
         settings={**release.settings, "stage": release.stages[arch, kind.init], "smoke_test": "yes"},
@@ -215,16 +212,14 @@ def run_release(config_path: Path, *, output: Path | None = None, stamp: str | N
         check_signing_key(sign)
 
     results: list[ImageResult] = []
-    with release_lock(out):
+    with transaction(out, stamp, {c.arch for c in configs}, keep=release.keep, sign=sign) as txn:
         logger.info("Release %s: %s into %s", stamp, ", ".join(c.image_name for c in configs), out)
-        refuse_existing(out, stamp, {c.arch for c in configs})
-        with staging_area(out, stamp) as staging:
-            # One unpacked stage for the images that share it (an arch's systemd or OpenRC ones).
-            for arch, stage in dict.fromkeys((c.arch, c.stage) for c in configs):
-                results += build_arch([c for c in configs if (c.arch, c.stage) == (arch, stage)])
-            for result in results:
-                gather(result, staging / "build" / result.arch.value, staging, stamp, move=True)
-            publish(out, staging, stamp, results, keep=release.keep, sign=sign)
+        assert txn.staging == staging  # where the builds were told to write
+        # One unpacked stage for the images that share it (an arch's systemd or OpenRC ones).
+        for arch, stage in dict.fromkeys((c.arch, c.stage) for c in configs):
+            results += build_arch([c for c in configs if (c.arch, c.stage) == (arch, stage)])
+        for result in results:
+            txn.add(result, staging / "build" / result.arch.value, move=True)
     print(summary_table(results))
     return EXIT_PASSED if all(r.passed for r in results) else EXIT_FAILED
 
