@@ -71,6 +71,12 @@ def check_init_files(tree: Tree, init: InitSystem, variant: Variant) -> None:
                              hint="use a complete stage3 (sys-apps/util-linux installs it)")
         if not tree.lexists("/sbin/rc-update") and not tree.lexists("/usr/sbin/rc-update"):
             raise StageError("the OpenRC stage has no rc-update", hint="use a complete OpenRC stage3")
+        # rc-update (in the chroot) and the audit work on these; a symlink here would send them
+        # wherever it points, and OpenRC at boot would find no runlevel.
+        for level in ("/etc/runlevels", *(f"/etc/runlevels/{name}" for name in services.BOOT_RUNLEVELS[1:])):
+            if tree.is_symlink(level) or not tree.is_dir(level):
+                raise StageError(f"the OpenRC stage's {level} is not a directory",
+                                 hint="use a complete OpenRC stage3 (sys-apps/openrc installs its runlevels)")
     if variant != Variant.cloudinit:
         return
     if not tree.lexists("/usr/bin/cloud-init"):

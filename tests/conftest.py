@@ -224,3 +224,11 @@ def mini_stage_amd64(standin_amd64: Path) -> Path:
     from hostile import mini_stage
 
     return mini_stage(standin_amd64)
+
+
+@pytest.fixture(scope="session")
+def mini_stage_openrc_amd64() -> Path:
+    """The amd64 OpenRC stand-in cut down the same way."""
+    from hostile import mini_stage
+
+    return mini_stage(_standin(Arch.amd64, "openrc"), "openrc")

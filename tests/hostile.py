@@ -136,9 +136,19 @@ _MINI_DIRS = ("boot", "home", "media", "mnt", "opt", "proc", "run", "srv", "sys"
               "var/tmp", "var/cache", "var/lib", "var/log", "var/lib/dbus", "var/lib/systemd", "usr/sbin")
 
 
-def mini_stage(standin: Path) -> Path:
-    """The amd64 stand-in cut down to what a build touches; cached beside the stand-in."""
-    key = hashlib.sha256(f"{standin.name}:{_MINI_PROGRAMS}:{_MINI_TREES}:{_MINI_FILES}:{_MINI_DIRS}:{_MINI_EXCLUDE}:1".encode())
+# The OpenRC stand-in's: rc-update instead of systemctl, its scripts and runlevels kept.
+_MINI_OPENRC_PROGRAMS = ("/usr/bin/dash", "/usr/sbin/rc-update", "/usr/bin/grub-mkimage")
+_MINI_OPENRC_TREES = (*_MINI_TREES, "usr/lib/rc", "usr/libexec/rc")
+_MINI_OPENRC_FILES = (*_MINI_FILES, "usr/sbin/openrc", "usr/sbin/agetty", "usr/sbin/openrc-run")
+
+
+def mini_stage(standin: Path, init: str = "systemd") -> Path:
+    """The amd64 stand-in (of ``init``) cut down to what a build touches; cached beside it."""
+    if init == "openrc":
+        programs, trees, files, exclude = _MINI_OPENRC_PROGRAMS, _MINI_OPENRC_TREES, _MINI_OPENRC_FILES, ()
+    else:
+        programs, trees, files, exclude = _MINI_PROGRAMS, _MINI_TREES, _MINI_FILES, _MINI_EXCLUDE
+    key = hashlib.sha256(f"{standin.name}:{programs}:{trees}:{files}:{_MINI_DIRS}:{exclude}:1".encode())
     cached = CACHE_DIR / "test-stages" / f"mini-amd64-{key.hexdigest()[:16]}.tar"
     if cached.is_file():
         return cached
@@ -150,17 +160,17 @@ def mini_stage(standin: Path) -> Path:
     try:
         subprocess.run(["tar", "-C", root, "-xpf", standin, "--numeric-owner", "--xattrs",
                         "--xattrs-include=*"], check=True)
-        wanted: set[str] = set(_MINI_FILES) | set(_MINI_DIRS)
-        for tree in _MINI_TREES:
+        wanted: set[str] = set(files) | set(_MINI_DIRS)
+        for tree in trees:
             for top, dirs, files in os.walk(root / tree):
                 rel = Path(top).relative_to(root)
                 wanted.add(str(rel))
                 wanted.update(str(rel / n) for n in dirs + files)
         wanted.update(str(p.relative_to(root)) for p in (root / "boot").glob("vmlinuz-*"))
         # The programs and the libraries they load, with each symlink on the way.
-        ldd = subprocess.run(["chroot", root, "ldd", *_MINI_PROGRAMS], capture_output=True, text=True,
+        ldd = subprocess.run(["chroot", root, "ldd", *programs], capture_output=True, text=True,
                              check=True).stdout
-        paths = set(_MINI_PROGRAMS)
+        paths = set(programs)
         for line in ldd.split():
             if line.startswith("/"):
                 paths.add(line.rstrip(":"))
@@ -177,7 +187,7 @@ def mini_stage(standin: Path) -> Path:
                 inner = Path(os.path.normpath(inner))
                 if str(inner).startswith(("lib/", "lib64/", "bin/")):
                     inner = Path("usr") / inner
-        wanted = {n for n in wanted if not any(n == e or n.startswith(e + "/") for e in _MINI_EXCLUDE)}
+        wanted = {n for n in wanted if not any(n == e or n.startswith(e + "/") for e in exclude)}
         for name in list(wanted):
             wanted.update(str(p) for p in Path(name).parents if str(p) != ".")
         listing = work / "list"
@@ -334,13 +344,14 @@ def _check_commands(commands: list[list[str]], roots: list[Path], where: str) ->
 
 
 def build(tmp_path: Path, host: Host, stage: Path, *extra: str | Path, variant: str = "console",
-          expect: int = 2, **kwargs: object) -> Result:
-    """``imagebuild build amd64 VARIANT --stage STAGE --no-test`` into tmp_path/out."""
-    result = run_cli(tmp_path, host, "build", "amd64", variant, "--stage", stage, "--no-test",
+          init: str = "systemd", expect: int = 2, **kwargs: object) -> Result:
+    """``imagebuild build amd64 VARIANT --init INIT --stage STAGE --no-test`` into tmp_path/out."""
+    result = run_cli(tmp_path, host, "build", "amd64", variant, "--init", init, "--stage", stage, "--no-test",
                      "-o", tmp_path / "out", "--work-dir", tmp_path / "work", "--stamp", STAMP,
                      "--cache-dir", tmp_path / "cache", *extra, expect=expect, **kwargs)  # type: ignore[arg-type]
     if expect == 0:
-        image = f"di-amd64-{variant.replace('-', '')}-{STAMP}.qcow2"
+        suffix = "" if init == "systemd" else f"-{init}"
+        image = f"di-amd64-{variant.replace('-', '')}{suffix}-{STAMP}.qcow2"
         produced = sorted(p.name for p in (tmp_path / "out").iterdir())
         assert produced == sorted([image, *(image + c for c in COMPANIONS)]), produced
     return result
