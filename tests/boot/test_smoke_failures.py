@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.config import Arch, Variant
-from imagebuild.errors import SmokeTestError
+from imagebuild.errors import ImageError, SmokeTestError
 from imagebuild.smoketest import smoke_test
 from imagebuild.smoketest.firmware import find_firmware
 from imagebuild.smoketest.qemu import DISK_ID, QemuMachine
@@ -84,7 +84,7 @@ def test_raw_image_is_refused_before_qemu_starts(tmp_path: Path) -> None:
     before = qemu_processes()
     results = tmp_path / "results"
 
-    with pytest.raises(SmokeTestError) as info:
+    with pytest.raises(ImageError) as info:
         smoke_test(image, arch=Arch.amd64, variant=Variant.console, results_dir=results)
 
     message = str(info.value)
@@ -96,7 +96,7 @@ def test_raw_image_is_refused_before_qemu_starts(tmp_path: Path) -> None:
 
 
 def test_missing_image_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SmokeTestError, match="does not exist"):
+    with pytest.raises(ImageError, match="does not exist"):
         smoke_test(tmp_path / "nope.qcow2", arch=Arch.amd64, variant=Variant.console,
                    results_dir=tmp_path)  # fmt: skip
 
