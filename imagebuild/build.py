@@ -10,24 +10,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from imagebuild import __version__, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
-from imagebuild.config import BuildConfig, Companion, InitSystem, MirrorStage, StandinStage, TarballStage, Variant
+from imagebuild.config import BuildConfig, Companion, InitSystem, MiB, MirrorStage, StandinStage, TarballStage, Variant
 from imagebuild.disk import (
     DiskLayout,
     Identifiers,
+    check_fits,
     check_free_space,
     make_esp,
     make_root,
     partition_image,
+    root_filesystem,
+    root_full,
     tree_size,
 )
-from imagebuild.errors import ConfigError, ImageError, StageError
+from imagebuild.errors import CommandError, ConfigError, ImageError, StageError
 from imagebuild.hygiene import clean_tree
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
 from imagebuild.mirror import fetch_stage
@@ -46,7 +50,7 @@ from imagebuild.run import BUILD_TOOLS, require_tools, run
 from imagebuild.stage2 import apply_stage2_keys
 from imagebuild.stagefacts import Kernel, check_init_files, detect_init, find_kernel
 from imagebuild.tree import Tree
-from imagebuild.unpack import unpack_stage
+from imagebuild.unpack import unpack_stage, unpacked_size
 from imagebuild.variant import configure_cloudinit, configure_console, kernel_cmdline, write_system_files
 from imagebuild.workspace import Workspace, output_lock
 
@@ -116,16 +120,42 @@ def acquire_stage(config: BuildConfig) -> Path:
 
 
 def unpack(ctx: Context, tarball: Path) -> None:
-    with complete_step(f"Unpacking {tarball.name}"):
-        count = unpack_stage(tarball, ctx.root)
+    # The room: what the root filesystem holds (less the first boot's 5%), and what the work
+    # directory holds for the sparse raw image that backs it (less room for the ESP's files).
+    work_room = shutil.disk_usage(ctx.workspace).free - 128 * MiB
+    root_room = int(shutil.disk_usage(ctx.root).free * 0.95)
+    with complete_step(f"Unpacking {tarball.name}"), _root_space(ctx, root_room <= work_room):
+        count = unpack_stage(tarball, ctx.root, room=min(work_room, root_room))
         logger.info("  %d entries", count)
 
 
 def copy_shared(ctx: Context, shared: SharedStage) -> None:
-    with complete_step(f"Copying the shared unpacked {shared.tarball.name}"):
-        # cp -a keeps owners, modes, xattrs and hardlinks; reflinks make it nearly free on XFS.
-        ctx.root.mkdir()
-        run(["cp", "-a", "--reflink=auto", f"{shared.tree}/.", ctx.root])
+    with complete_step(f"Copying the shared unpacked {shared.tarball.name}"), _root_space(ctx, None):
+        # cp -a keeps owners, modes, xattrs and hardlinks; "tree/." gives / the tree's mode.
+        try:
+            run(["cp", "-a", f"{shared.tree}/.", ctx.root])
+        except CommandError as exc:
+            if "No space left" in exc.message:
+                raise ImageError("no space left while copying the shared stage") from exc
+            raise
+
+
+@contextlib.contextmanager
+def _root_space(ctx: Context, root_limited: bool | None) -> Iterator[None]:
+    """Running out of room while writing the root tree: the image's root filesystem, or the
+    work directory that holds the sparse raw image. Which one, the message says
+    (``root_limited``: the root filesystem was the smaller room; None: look at it)."""
+    try:
+        yield
+    except (StageError, ImageError) as exc:
+        if "no space left" not in exc.message:
+            raise
+        if root_limited or (root_limited is None and root_full(ctx.root)):
+            raise ImageError(f"the root filesystem of {ctx.config.image_name} filled up while writing the tree",
+                             hint="make the image larger (diskimage/qcow2_size or --size); the image is "
+                             "sparse, so size costs little disk") from exc
+        raise ImageError(f"no space left in {ctx.config.work_dir} for the raw image while writing the tree",
+                         hint="free space there or point --work-dir at a larger filesystem") from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,21 +239,28 @@ def clean(ctx: Context) -> None:
         clean_tree(ctx.tree)
 
 
-def make_disk(ctx: Context, ids: Identifiers) -> DiskLayout:
+def make_disk(ctx: Context, ids: Identifiers, tree_bytes: int) -> DiskLayout:
+    """The partitioned sparse image, checked against the tree it must hold before a byte of
+    the tree is written (``tree_bytes``: the stage's unpacked size, as far as it is known)."""
     config = ctx.config
-    root_bytes = tree_size(ctx.root)  # walked once: the free-space check and make_root use it
-    check_free_space(ctx.workspace, root_bytes + tree_size(ctx.esp))
+    check_free_space(ctx.workspace, tree_bytes)
     sectors = f"GPT, {config.layout.sector_size}-byte sectors"
-    with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image ({sectors})"):
+    with complete_step(f"Partitioning a {config.layout.size // 2**30} GiB sparse image ({sectors}), "
+                       "making its XFS root"):
         disk = partition_image(ctx.raw, config.layout, config.arch, ids)
-    with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
-        make_esp(ctx.raw, disk.esp, config.layout, ids, ctx.esp)
-    with complete_step("Making and filling the XFS root"):
-        make_root(ctx.raw, disk.root, config.layout, ids, ctx.root, ctx.workspace / "mnt", root_bytes)
+        # XFS metadata and log take a few percent; keep 5% + 64 MiB free for the first boot.
+        check_fits("root filesystem", int(tree_bytes * 1.05) + 64 * MiB, disk.root.size,
+                   "diskimage/qcow2_size or --size")
+        make_root(ctx.raw, disk.root, config.layout, ids)
     return disk
 
 
-def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers) -> None:
+def fill_esp(ctx: Context, disk: DiskLayout, ids: Identifiers) -> None:
+    with complete_step("Making and filling the EFI system partition (FAT32, mtools)"):
+        make_esp(ctx.raw, disk.esp, ctx.config.layout, ids, ctx.esp)
+
+
+def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers, contents: list[str]) -> None:
     config = ctx.config
     image = config.image_path
     names = {
@@ -239,7 +276,7 @@ def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers) -> None:
     with complete_step(f"Converting to qcow2 ({config.compression.value})"):
         convert_to_qcow2(ctx.raw, ctx.outputs[names["image"]], config.compression)
     with complete_step("Writing CONTENTS.gz, DIGESTS and the build manifest"):
-        write_contents(contents_lines(ctx.root, ctx.esp), ctx.outputs[names["contents"]])
+        write_contents(contents, ctx.outputs[names["contents"]])
         digests = {
             image.name: file_digests(ctx.outputs[names["image"]]),
             names["contents"].name: file_digests(ctx.outputs[names["contents"]]),
@@ -278,8 +315,11 @@ def _manifest(config: BuildConfig, stage: StageFacts, ids: Identifiers,
     }
 
 
-def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None) -> Path:
-    """Build ``config.image_path`` from its stage (or a ``shared`` unpacked one); return its path."""
+def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None,
+                audit: Callable[[Path, Path], object] | None = None) -> Path:
+    """Build ``config.image_path`` from its stage (or a ``shared`` unpacked one); return its path.
+    ``audit`` is called with the finished image and the raw image it was converted from, while
+    that still exists (imagebuild.product audits the raw image, proven equal to the qcow2)."""
     check_prerequisites(config)
     STEP_TIMINGS.clear()  # this build's steps only, also when one process builds several
     with contextlib.ExitStack() as stack:
@@ -289,18 +329,23 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: Sh
         note_resource("outputs", lock)
         ctx = Context(config=config, workspace=workspace, stack=stack)
         ids = Identifiers.make(config.image_name)
-        if shared is None:
-            tarball = acquire_stage(config)
-            unpack(ctx, tarball)
-        else:
-            tarball = shared.tarball
-            copy_shared(ctx, shared)
-        stage = inspect_stage(ctx, tarball)
-        configure(ctx, stage.init)
-        install_bootloader(ctx, stage.kernel, ids)
-        clean(ctx)
-        make_disk(ctx, ids)
-        write_outputs(ctx, stage, ids)
+        tarball = acquire_stage(config) if shared is None else shared.tarball
+        disk = make_disk(ctx, ids, unpacked_size(tarball) if shared is None else tree_size(shared.tree))
+        # The stage goes straight into the image's XFS root: written once, never copied.
+        with root_filesystem(ctx.raw, disk.root, config.layout, ctx.root):
+            if shared is None:
+                unpack(ctx, tarball)
+            else:
+                copy_shared(ctx, shared)
+            stage = inspect_stage(ctx, tarball)
+            configure(ctx, stage.init)
+            install_bootloader(ctx, stage.kernel, ids)
+            clean(ctx)
+            contents = contents_lines(ctx.root, ctx.esp)
+        fill_esp(ctx, disk, ids)
+        write_outputs(ctx, stage, ids, contents)
+        if audit is not None:
+            audit(config.image_path, ctx.raw)
     if not config.image_path.exists():
         raise ImageError(f"the build ended without {config.image_path}")
     return config.image_path

@@ -17,8 +17,7 @@ from pathlib import Path
 import parted
 
 from imagebuild.config import Arch, ImageLayout, MiB
-from imagebuild.errors import CommandError, ImageError
-from imagebuild.log import logger
+from imagebuild.errors import ImageError
 from imagebuild.mounts import LoopDevice, mounted
 from imagebuild.run import run
 from imagebuild.tree import walk_host
@@ -187,29 +186,32 @@ def _tree_bytes(tree: Path) -> int:
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in walk_host(tree) for f in files)
 
 
-def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers, root_tree: Path,
-              mountpoint: Path, tree_bytes: int | None = None) -> None:
-    """XFS on partition 2, filled by copying ``root_tree`` through a loop mount."""
-    # XFS metadata and log take a few percent; keep 5% + 64 MiB free for the first boot.
-    tree_bytes = tree_size(root_tree) if tree_bytes is None else tree_bytes
-    check_fits("root filesystem", int(tree_bytes * 1.05) + 64 * MiB, part.size,
-               "diskimage/qcow2_size or --size")
+def make_root(raw: Path, part: Partition, layout: ImageLayout, ids: Identifiers) -> None:
+    """XFS on partition 2."""
     with LoopDevice(raw, offset=part.offset, size=part.size, sector_size=layout.sector_size) as dev:
         # nrext64=0: large extent counters are unreadable to older kernels (5.15) and GRUB.
         run(["mkfs.xfs", "-q", "-f", "-i", "nrext64=0", "-L", layout.root_label,
              "-m", f"uuid={ids.root_uuid}", dev])
+
+
+@contextlib.contextmanager
+def root_filesystem(raw: Path, part: Partition, layout: ImageLayout, mountpoint: Path) -> Iterator[Path]:
+    """The XFS root (made by make_root) mounted on ``mountpoint`` for the block: the stage is
+    unpacked straight into it, so the tree is written once. On the way out, the blocks of what
+    the build deleted (/boot went to the ESP, the cleaned caches) are discarded, which punches
+    them out of the sparse raw file: they would otherwise ship, compressed, in the image."""
+    with LoopDevice(raw, offset=part.offset, size=part.size, sector_size=layout.sector_size) as dev:
         with mounted(dev, mountpoint, fstype=layout.root_fstype):
-            # One cp for everything keeps hardlinks between top-level directories intact;
-            # -a keeps owners, modes, times and xattrs (file capabilities), and never follows
-            # a symlink of the tree; "root/." also gives the filesystem's / the tree's mode.
-            try:
-                run(["cp", "-a", "--sparse=always", f"{root_tree}/.", mountpoint])
-            except CommandError as exc:
-                if "No space left" in str(exc):
-                    raise ImageError(
-                        f"the root filesystem of {raw.name} filled up while copying the tree",
-                        hint="make the image larger (diskimage/qcow2_size or --size)",
-                    ) from exc
-                raise
+            yield mountpoint
+        # XFS frees a deleted file's blocks in the background, after syncfs; an unmount waits
+        # for all of it, so the trim runs on a fresh mount and sees every free block.
+        with mounted(dev, mountpoint, fstype=layout.root_fstype):
+            run(["fstrim", mountpoint])
             run(["sync", "-f", mountpoint])
-    logger.debug("root filesystem populated")
+
+
+def root_full(mountpoint: Path) -> bool:
+    """Whether the mounted root filesystem has (nearly) no room left: an ENOSPC while
+    writing it means the image is too small, not that the work directory is full."""
+    st = os.statvfs(mountpoint)
+    return st.f_bavail * st.f_frsize < 16 * MiB or st.f_favail < 64

@@ -1,6 +1,7 @@
 """Open a finished qcow2 image read-only to look inside it, without booting it.
 
-The qcow2 is converted to a sparse raw copy in a private directory (the image itself is
+The qcow2 is converted to a sparse raw copy in a private directory (or, just after a build,
+proven equal to the raw image it was made from, which is used instead; the image itself is
 never opened for writing), the root partition is attached to a read-only loop device and
 mounted ``ro,norecovery``, and the ESP is read with mtools (no vfat in the kernel needed).
 """
@@ -148,15 +149,25 @@ DEFAULT_WORK_DIR = Path(options.default("work_dir"))
 
 
 @contextlib.contextmanager
-def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external: bool = False
-               ) -> Iterator[OpenedImage]:
+def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external: bool = False,
+               raw: Path | None = None) -> Iterator[OpenedImage]:
     """Open ``image`` read-only: a raw copy, loop devices and a mount, all in a workspace
-    under ``work_dir`` (so a killed audit's loop devices are detached by the next run)."""
+    under ``work_dir`` (so a killed audit's loop devices are detached by the next run).
+
+    ``raw``: the raw image the build converted ``image`` from. Then no copy is made: ``qemu-img
+    compare`` proves the two hold the same bytes, and the raw image is what is looked at."""
     read_header(image, allow_external=allow_external)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(Workspace(work_dir, "audit"))
-        raw = work / "disk.raw"
-        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
+        if raw is None:
+            raw = work / "disk.raw"
+            run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
+        else:
+            same = run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", raw, image], check=False)
+            if same.returncode != 0:
+                raise ImageError(f"{image.name} does not hold the bytes of the raw image it was converted from "
+                                 f"(qemu-img compare: exit {same.returncode})",
+                                 hint="the conversion or the disk is faulty; build again")
         with open(raw, "rb") as f:
             sector = gpt_sector_size(f.read(2 * max(SECTOR_SIZES))) or 512
         disk = stack.enter_context(LoopDevice(raw, sector_size=sector, read_only=True))

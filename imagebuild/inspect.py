@@ -192,8 +192,10 @@ def _variant_checks(img: OpenedImage, arch: Arch, variant: Variant) -> list[Chec
 
 
 def inspect_image(image: Path, arch: Arch, variant: Variant, *, keep_caches: bool = False,
-                  work_dir: Path = DEFAULT_WORK_DIR, allow_backing_file: bool = False) -> Report:
-    with open_image(image, work_dir, allow_external=allow_backing_file) as img:
+                  work_dir: Path = DEFAULT_WORK_DIR, allow_backing_file: bool = False,
+                  raw: Path | None = None) -> Report:
+    """The audit of ``image`` (``raw``: the raw image it was just converted from, see open_image)."""
+    with open_image(image, work_dir, allow_external=allow_backing_file, raw=raw) as img:
         checks = [
             *_partition_checks(img, arch),
             _fstab_check(img),

@@ -61,8 +61,18 @@ FILES_DIR = Path(__file__).parent / "standin_files"
 # add none. The Gentoo-named services of standin_files/openrc replace Debian's (openssh-server's
 # "ssh", which also provides "sshd", gives way to Gentoo's "sshd"; cloud-init's four get
 # Gentoo's scripts), in no runlevel. OpenRC's "loopback" goes into boot, as on Gentoo.
+#
+# Debian's System V scripts are many and slow under emulation (a TCG boot spent a minute in
+# them and half a minute shutting down), so the stand-in keeps only what a boot of these images
+# needs: the kernel filesystems, udev, the root remounted rw, fstab mounted, the hostname, and
+# the shutdown. The others go (hardware clock, NFS, sysctl, module lists, the old boot-log and
+# nologin scripts, savecache): fewer scripts also make OpenRC's "Caching service dependencies"
+# at every boot shorter (17 s before, 11 s after, under TCG).
+_DEBIAN_SCRIPTS_DROPPED = ("brightness", "mount-configfs", "mountnfs.sh", "mountnfs-bootclean.sh", "bootlogs",
+                           "rmnologin", "rc.local", "hwclock.sh", "urandom", "kmod", "procps", "savecache", "sudo")
 _OPENRC_HOOKS = ('rm -f "$1"/etc/runlevels/*/ssh "$1"/etc/runlevels/*/cloud-* "$1"/etc/init.d/ssh',
-                 'ln -sf /etc/init.d/loopback "$1"/etc/runlevels/boot/loopback')
+                 'ln -sf /etc/init.d/loopback "$1"/etc/runlevels/boot/loopback',
+                 f'for s in {" ".join(_DEBIAN_SCRIPTS_DROPPED)}; do rm -f "$1/etc/init.d/$s" "$1"/etc/runlevels/*/"$s"; done')
 
 # What the initramfs loads to find the root: the disks QEMU and clouds offer (virtio; the PIIX
 # IDE disk of Gentoo's FAQ command line, which has no -machine and so gets QEMU's default pc

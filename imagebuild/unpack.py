@@ -26,9 +26,10 @@ from typing import IO, cast
 from imagebuild.config import STAGE_SUFFIXES
 from imagebuild.errors import CommandError, StageError
 from imagebuild.log import logger
-from imagebuild.run import output_stream
+from imagebuild.run import output_stream, run
 
 _XATTR_PREFIX = "SCHILY.xattr."
+_INODE_COST = 512  # what a member costs besides its data: an inode, a directory entry
 
 
 def _member_path(name: str, tarball: Path) -> PurePosixPath:
@@ -79,9 +80,11 @@ def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
 
 
 class _Unpacker:
-    def __init__(self, tarball: Path, root: Path) -> None:
+    def __init__(self, tarball: Path, root: Path, room: int | None = None) -> None:
         self.tarball = tarball
         self.root = root
+        self.room = room  # bytes the members may take (None: as many as the filesystem holds)
+        self.written = 0
         self.symlinks: set[PurePosixPath] = set()
         self.files: set[PurePosixPath] = set()  # what a later hardlink may name
         self.directories: list[tuple[tarfile.TarInfo, str]] = []
@@ -120,6 +123,12 @@ class _Unpacker:
 
     def extract(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         path = self.check(member)
+        # Counted from the header, before the member is written: a stage that unpacks to more
+        # than it announced (or than the room there is) stops here, not in a full filesystem.
+        self.written += (member.size if member.isreg() else 0) + _INODE_COST
+        if self.room is not None and self.written > self.room:
+            raise StageError(f"no space left while unpacking {self.tarball}: it holds more than the "
+                             f"{self.room // 2**20} MiB there is room for")
         if path == PurePosixPath("."):
             self.directories.append((member, str(self.root)))
             return
@@ -216,15 +225,45 @@ def _apply_xattrs(member: tarfile.TarInfo, target: Path) -> None:
                 logger.warning("could not set xattr %s on %s: %s", name, target, exc)
 
 
-def unpack_stage(tarball: Path, root: Path) -> int:
-    """Extract ``tarball`` into the empty directory ``root``; return the number of members."""
+def unpacked_size(tarball: Path) -> int:
+    """About how many bytes ``tarball`` unpacks to (the tar stream's size), before unpacking it:
+    what the root filesystem and the work directory must hold. A plain tar is its own size;
+    xz and zstd record it (``--list``); gzip in its trailer (modulo 4 GiB); bzip2 nowhere, so a
+    generous guess. Untrusted, so only a hint for the checks before writing: an unpack that
+    runs out of room is still caught while writing."""
+    size = tarball.stat().st_size
+    with open(tarball, "rb") as f:
+        magic = f.read(6)
+        if magic.startswith(b"\x1f\x8b") and size >= 18:
+            f.seek(-4, os.SEEK_END)
+            trailer = int.from_bytes(f.read(4), "little")
+            return max(trailer, size)
+    listing: list[str] = []
+    with contextlib.suppress(CommandError, OSError):
+        if magic.startswith(b"\xfd7zXZ\x00"):
+            listing = run(["xz", "--robot", "--list", "--", tarball]).stdout.decode().splitlines()
+            totals = next(line.split("\t") for line in listing if line.startswith("totals\t"))
+            return int(totals[4])
+        if magic.startswith(b"\x28\xb5\x2f\xfd"):
+            listing = run(["zstd", "--list", "-v", "--", tarball]).stdout.decode().splitlines()
+            found = next(line for line in listing if line.strip().startswith("Decompressed Size:"))
+            return int(found.rsplit("(", 1)[1].split()[0])
+    if magic.startswith((b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")):
+        return size * 5  # no size recorded: xz/zstd/bzip2 stages shrink about 3-5 times
+    return size
+
+
+def unpack_stage(tarball: Path, root: Path, room: int | None = None) -> int:
+    """Extract ``tarball`` into the empty directory ``root``; return the number of members.
+    ``room``: the bytes the members may take; a stage that needs more is refused before the
+    member that would not fit is written."""
     if not tarball.is_file():
         raise StageError(
             f"stage tarball {tarball} does not exist or is not a file",
             hint=f"give the path of a stage3 or seed tarball ({', '.join(STAGE_SUFFIXES)})",
         )
     root.mkdir(parents=True, exist_ok=True)
-    unpacker = _Unpacker(tarball, root)
+    unpacker = _Unpacker(tarball, root, room)
     try:
         with _open_stream(tarball) as stream, \
                 tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tf:

@@ -83,6 +83,9 @@ FAILURES: tuple[Pattern, ...] = (
 
 # Firmware lines worth quoting when the boot later fails.
 FIRMWARE_NOTE = r"BdsDxe: failed to load Boot[^\r\n]*(?=\r?\n)"
+# GRUB's menu counting down to its default entry: the test presses Enter instead of waiting out
+# the image's timeout (which stays in grub.cfg for users).
+GRUB_COUNTDOWN = r"will be executed automatically in \d+s"
 
 _ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # Typed as __IB""_... so that an echo of the command line never matches the printed marker.
@@ -109,6 +112,7 @@ class Console:
         self._seen_size = 0
         self._notes: list[str] = []
         self._counter = itertools.count(1)
+        self._menu_answered = False
 
     # -- boot -------------------------------------------------------------------------------
 
@@ -124,6 +128,8 @@ class Console:
         while self.phase != "login":
             current = order.index(self.phase)
             candidates: list[tuple[str, str, str]] = [("note", FIRMWARE_NOTE, "")]
+            if self.phase == "grub" and not self._menu_answered:
+                candidates.append(("menu", GRUB_COUNTDOWN, ""))
             for later in order[current + 1 :]:
                 candidates += [("milestone", regex, later) for regex in MILESTONES[later]]
             candidates += [
@@ -136,6 +142,9 @@ class Console:
             )
             if kind == "note":
                 self._notes.append(text)
+            elif kind == "menu":
+                self.spawn.send("\r")
+                self._menu_answered = True
             elif kind == "milestone":
                 self._enter(value, on_phase)
             elif kind == "failure":

@@ -40,7 +40,7 @@ STEPS = {
     "grub (chroot binds live)": ("chroot", "mkimage"),
     "partition": ("sgdisk", "typecode"),
     "esp (loop device live)": ("mcopy", "::/"),
-    "root (loop mount live)": ("cp", "--sparse"),
+    "root (loop mount live)": ("fstrim", "root"),
     "convert": ("qemu-img", "convert"),
 }
 
@@ -107,7 +107,7 @@ def test_signal_during_step(step: str, sig: signal.Signals, tmp_path: Path, mini
 def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path, mini_stage_amd64: Path) -> None:
     """An impatient user: SIGINT, then SIGTERM while the loop mount is being undone."""
     require_root()
-    env, marker = shim_env(tmp_path, "cp", "--sparse")
+    env, marker = shim_env(tmp_path, "fstrim", "root")
     proc = start_build(tmp_path, mini_stage_amd64, env=env)
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
@@ -143,14 +143,14 @@ def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
 
 
 def test_sigkill_leftovers_are_cleaned_by_the_next_run(tmp_path: Path, mini_stage_amd64: Path) -> None:
-    env, marker = shim_env(tmp_path, "cp", "--sparse")
+    env, marker = shim_env(tmp_path, "fstrim", "root")
     proc = start_build(tmp_path, mini_stage_amd64, env=env)
     wait_for(lambda: marker.exists() or proc.poll() is not None, 300, "the root filesystem step")
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait()
-    # The held cp died with its parent (PR_SET_PDEATHSIG); its mount namespace, and with it
+    # The held fstrim died with its parent (PR_SET_PDEATHSIG); its mount namespace, and with it
     # the root filesystem's mount, went with them. The loop device is not namespaced.
-    wait_for(lambda: not marker.exists() or not _alive(int(marker.read_text())), 30, "the held cp to end")
+    wait_for(lambda: not marker.exists() or not _alive(int(marker.read_text())), 30, "the held fstrim to end")
     assert mounts_under(tmp_path) == [], "the killed build's mounts are private to it"
     assert loop_devices(tmp_path), "the killed build should have left its loop device"
 

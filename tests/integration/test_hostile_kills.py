@@ -1,7 +1,7 @@
 """SIGKILL at every phase of a build, then a recovering run that must leave nothing behind.
 
 A shim for the phase's external program holds the build while that phase's resources are live
-(chroot mounts, loop devices, the raw image, a half-written qcow2, the audit's raw copy and
+(chroot mounts, loop devices, the raw image, a half-written qcow2, the audit's loop devices and
 read-only mount); the build is then killed with SIGKILL, which no cleanup code can answer.
 The next run with the same work and output directories (one that fails fast on a missing
 stage) must detach the loop devices, remove the workspace and the partial outputs, and say so.
@@ -44,9 +44,9 @@ PHASES = {
     "grub (chroot mounts)": ("chroot", "mkimage", ""),
     "partition (loop device)": ("sgdisk", "typecode", ""),
     "esp (loop device)": ("mcopy", "::/", ""),
-    "root (loop mount)": ("cp", "--sparse", ""),
+    "root (loop mount)": ("fstrim", "root", ""),
     "convert (half-written qcow2)": ("qemu-img", "-O qcow2", HALF_WRITTEN),
-    "audit (raw copy, loop devices, mount)": ("mount", "norecovery", ""),
+    "audit (loop devices, mount)": ("mount", "norecovery", ""),
 }
 
 
@@ -107,7 +107,10 @@ def test_sigkill_then_recovery(phase: str, tmp_path: Path, host: Host, mini_stag
         # The audit runs on the finished image: it stays, complete (moved aside here, so the
         # recovering run's check of out/ sees only what the recovery leaves).
         image = f"di-amd64-console-{hostile.STAMP}.qcow2"
-        assert finished == sorted([image, *(image + c for c in hostile.COMPANIONS if c != ".inspect.json")])
+        # It runs inside the build, on the raw image, so the build's output lock is still there
+        # (the recovering run removes it, as any killed build's).
+        assert finished == sorted([f".{image}.lock", image,
+                                   *(image + c for c in hostile.COMPANIONS if c != ".inspect.json")])
         out.rename(tmp_path / "finished")
     result = run_cli(tmp_path, host, "build", "amd64", "console", "--stage", tmp_path / "missing.tar",
                      "--no-test", "-o", out, "--work-dir", work, expect=2)
