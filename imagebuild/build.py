@@ -122,6 +122,7 @@ def acquire_stage(config: BuildConfig) -> Path:
 def unpack(ctx: Context, tarball: Path) -> None:
     # The room: what the root filesystem holds (less the first boot's 5%), and what the work
     # directory holds for the sparse raw image that backs it (less room for the ESP's files).
+    ctx.root.mkdir(exist_ok=True)  # the mounted XFS root, or (a release's shared stage) a directory
     work_room = shutil.disk_usage(ctx.workspace).free - 128 * MiB
     root_room = int(shutil.disk_usage(ctx.root).free * 0.95)
     with complete_step(f"Unpacking {tarball.name}"), _root_space(ctx, root_room <= work_room):
