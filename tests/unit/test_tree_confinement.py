@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "imagebuild"
 # writing each one, any member that would be written through a symlink it made earlier.
 EXEMPT = {"tree.py", "unpack.py"}
 # The workspace's own root directory, made before anything is unpacked into it.
-ALLOWED = {("imagebuild/build.py", "ctx.root.mkdir()")}
+ALLOWED = {("imagebuild/build.py", "ctx.root.mkdir(exist_ok=True)")}
 _ROOT_NAMES = {"root", "root_tree", "mountpoint_root"}
 _PATH_METHODS = {"joinpath", "glob", "rglob", "iterdir", "open", "read_text", "read_bytes", "write_text",
                  "write_bytes", "unlink", "mkdir", "rmdir", "exists", "is_file", "is_dir", "is_symlink",
