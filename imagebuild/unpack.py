@@ -53,7 +53,8 @@ def _member_path(name: str, tarball: Path) -> PurePosixPath:
 # stage3s are made by pixz, in blocks that xz 5.4+ decompresses on every core; Python 3.11 has no
 # zstd module. Each program's exit status, and Python's gzip and bz2 readers, report a stream
 # that is cut short or followed by garbage (tarfile's own decompression checks neither).
-_PROGRAMS = {b"\xfd7zXZ\x00": ["xz", "-dc", "-q", "-T0", "--"], b"\x28\xb5\x2f\xfd": ["zstd", "-dc", "-q", "--"]}
+_XZ, _ZSTD, _GZIP, _BZIP2 = b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x1f\x8b", b"BZh"  # magic numbers
+_PROGRAMS = {_XZ: ["xz", "-dc", "-q", "-T0", "--"], _ZSTD: ["zstd", "-dc", "-q", "--"]}
 
 
 @contextlib.contextmanager
@@ -68,9 +69,9 @@ def _open_stream(tarball: Path) -> Iterator[IO[bytes]]:
                 yield stream
             return
         reader: IO[bytes] | None = None
-        if magic.startswith(b"\x1f\x8b"):
+        if magic.startswith(_GZIP):
             reader = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
-        elif magic.startswith(b"BZh"):
+        elif magic.startswith(_BZIP2):
             reader = cast(IO[bytes], bz2.BZ2File(raw, "rb"))
         if reader is not None:
             with reader:
@@ -234,21 +235,21 @@ def unpacked_size(tarball: Path) -> int:
     size = tarball.stat().st_size
     with open(tarball, "rb") as f:
         magic = f.read(6)
-        if magic.startswith(b"\x1f\x8b") and size >= 18:
+        if magic.startswith(_GZIP) and size >= 18:
             f.seek(-4, os.SEEK_END)
             trailer = int.from_bytes(f.read(4), "little")
             return max(trailer, size)
-    listing: list[str] = []
-    with contextlib.suppress(CommandError, OSError):
-        if magic.startswith(b"\xfd7zXZ\x00"):
+    # A listing that fails or lacks the size (zstd written to a pipe records none) is no size.
+    with contextlib.suppress(CommandError, OSError, StopIteration, ValueError, IndexError):
+        if magic.startswith(_XZ):
             listing = run(["xz", "--robot", "--list", "--", tarball]).stdout.decode().splitlines()
             totals = next(line.split("\t") for line in listing if line.startswith("totals\t"))
             return int(totals[4])
-        if magic.startswith(b"\x28\xb5\x2f\xfd"):
+        if magic.startswith(_ZSTD):
             listing = run(["zstd", "--list", "-v", "--", tarball]).stdout.decode().splitlines()
             found = next(line for line in listing if line.strip().startswith("Decompressed Size:"))
             return int(found.rsplit("(", 1)[1].split()[0])
-    if magic.startswith((b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")):
+    if magic.startswith((_XZ, _ZSTD, _BZIP2)):
         return size * 5  # no size recorded: xz/zstd/bzip2 stages shrink about 3-5 times
     return size
 

@@ -251,3 +251,19 @@ def test_a_hardlink_to_an_earlier_file_is_a_hardlink(tmp_path: Path) -> None:
                                          {"name": "./a", "type": tarfile.LNKTYPE, "linkname": "./b"}])
     unpack_stage(tarball, tmp_path / "root")
     assert (tmp_path / "root/a").stat().st_ino == (tmp_path / "root/b").stat().st_ino
+
+
+def test_unpacked_size_of_a_zstd_stream_without_a_recorded_size(tmp_path: Path) -> None:
+    """zstd writing to a pipe records no size: the estimate falls back to a guess, no traceback."""
+    import subprocess
+
+    from imagebuild.unpack import unpacked_size
+
+    data = tmp_path / "data"
+    data.write_bytes(b"stage\n" * 100_000)
+    stage = tmp_path / "stage.tar.zst"
+    with data.open("rb") as src, stage.open("wb") as out:
+        subprocess.run(["zstd", "-q", "-c"], stdin=src, stdout=out, check=True)
+    assert "Decompressed" not in subprocess.run(["zstd", "--list", "-v", str(stage)], capture_output=True,
+                                                text=True).stdout
+    assert unpacked_size(stage) == stage.stat().st_size * 5
