@@ -126,7 +126,7 @@ def unpack(ctx: Context, tarball: Path) -> None:
     work_room = shutil.disk_usage(ctx.workspace).free - 128 * MiB
     root_room = int(shutil.disk_usage(ctx.root).free * 0.95)
     with complete_step(f"Unpacking {tarball.name}"), _root_space(ctx, root_room <= work_room):
-        count = unpack_stage(tarball, ctx.root, room=min(work_room, root_room))
+        count = unpack_stage(tarball, ctx.root, room=min(work_room, root_room), progress=True)
         logger.info("  %d entries", count)
 
 

@@ -81,7 +81,7 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
         f.truncate(layout.size)
     sector = layout.sector_size
     align = _ALIGN // sector
-    # libparted and sgdisk take the logical sector size from a block device and assume 512
+    # libparted and sfdisk take the logical sector size from a block device and assume 512
     # on a plain file, so the table is written through a loop device with the image's
     # sector size: the same code makes 512-byte and 4Kn images.
     with LoopDevice(raw, sector_size=sector) as loop, _parted_device(loop) as device:
@@ -107,15 +107,13 @@ def partition_image(raw: Path, layout: ImageLayout, arch: Arch, ids: Identifiers
                 partition.setFlag(flag)  # on GPT this sets the ESP type GUID
         # To the device only: the kernel is not told of partitions on our loop device.
         disk.commitToDevice()
-        # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sgdisk can.
-        run([
-            "sgdisk",
-            f"--disk-guid={ids.disk_guid}",
-            f"--partition-guid=1:{ids.esp_guid}",
-            f"--partition-guid=2:{ids.root_guid}",
-            f"--typecode=2:{DPS_ROOT_TYPE[arch]}",
-            loop,
-        ])
+        # pyparted on bookworm (parted 3.5) cannot set type or unique GUIDs; sfdisk can (and,
+        # unlike sgdisk, does not sleep a second after each write). Nor does it tell the kernel.
+        sfdisk = ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel"]
+        run([*sfdisk, "--disk-id", loop, ids.disk_guid])
+        run([*sfdisk, "--part-uuid", loop, "1", ids.esp_guid])
+        run([*sfdisk, "--part-uuid", loop, "2", ids.root_guid])
+        run([*sfdisk, "--part-type", loop, "2", DPS_ROOT_TYPE[arch]])
     return DiskLayout(
         esp=Partition(1, esp_start * sector, (esp_end - esp_start + 1) * sector),
         root=Partition(2, root_start * sector, (root_end - root_start + 1) * sector),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,8 @@ from pathlib import Path
 from imagebuild import options
 from imagebuild.errors import CommandError, ImagebuildError, ImageError
 from imagebuild.mounts import LoopDevice, mounted
-from imagebuild.run import run
+from imagebuild.qcow2 import CLUSTER_BITS, data_clusters
+from imagebuild.run import run, spawn, stop
 from imagebuild.workspace import Workspace
 
 _MTOOLS = {"MTOOLS_SKIP_CHECK": "1"}
@@ -148,6 +151,28 @@ def _partition_table(disk: str, name: str) -> tuple[str, list[GptPartition]]:
 DEFAULT_WORK_DIR = Path(options.default("work_dir"))
 
 
+def compare_parts(raw: Path, image: Path, parts: int) -> list[tuple[str, str]]:
+    """``qemu-img compare`` arguments that split the comparison of ``raw`` with the qcow2
+    ``image`` into ``parts`` ranges holding about the same amount of data (one process each:
+    QEMU's comparison runs on one core). Each range is QEMU's raw driver over the same range
+    of each file, as a json: filename."""
+    with open(raw, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        clusters = list(data_clusters(f.fileno(), size))
+    bounds = [0, *sorted({clusters[len(clusters) * n // parts] << CLUSTER_BITS
+                          for n in range(1, parts) if clusters}), size]
+    ranges = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+
+    def part(start: int, end: int, file: dict[str, object]) -> str:
+        return "json:" + json.dumps({"driver": "raw", "offset": start, "size": end - start, "file": file})
+
+    return [
+        (part(start, end, {"driver": "file", "filename": str(raw)}),
+         part(start, end, {"driver": "qcow2", "file": {"driver": "file", "filename": str(image)}}))
+        for start, end in ranges
+    ]
+
+
 @contextlib.contextmanager
 def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external: bool = False,
                raw: Path | None = None) -> Iterator[OpenedImage]:
@@ -159,15 +184,24 @@ def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external
     read_header(image, allow_external=allow_external)
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(Workspace(work_dir, "audit"))
+        comparing: list[subprocess.Popen[bytes]] = []
         if raw is None:
             raw = work / "disk.raw"
             run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", image, raw])
         else:
-            same = run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", raw, image], check=False)
-            if same.returncode != 0:
-                raise ImageError(f"{image.name} does not hold the bytes of the raw image it was converted from "
-                                 f"(qemu-img compare: exit {same.returncode})",
-                                 hint="the conversion or the disk is faulty; build again")
+            # QEMU itself reads the image: its metadata must be consistent (a wrong refcount
+            # would let a writer overwrite live data) and every cluster equal to the raw image's.
+            checked = run(["qemu-img", "check", "-q", "-f", "qcow2", image], check=False)
+            if checked.returncode != 0:
+                raise ImageError(f"{image.name}: qemu-img check found its qcow2 metadata inconsistent "
+                                 f"(exit {checked.returncode}): "
+                                 f"{(checked.stdout + checked.stderr).decode(errors='replace').strip()[:300]}",
+                                 hint="the conversion is faulty; build again, and report it")
+            # The comparison runs while the raw image is audited; the audit waits for it at the end.
+            comparing = [spawn(["qemu-img", "compare", "-q", raw_part, qcow2_part])
+                         for raw_part, qcow2_part in compare_parts(raw, image, os.cpu_count() or 1)]
+            for proc in comparing:
+                stack.callback(stop, proc, 0)
         with open(raw, "rb") as f:
             sector = gpt_sector_size(f.read(2 * max(SECTOR_SIZES))) or 512
         disk = stack.enter_context(LoopDevice(raw, sector_size=sector, read_only=True))
@@ -179,3 +213,8 @@ def open_image(image: Path, work_dir: Path = DEFAULT_WORK_DIR, *, allow_external
                                                size=root.size * sector))
         mnt = stack.enter_context(mounted(loop, work / "root", options="ro,norecovery"))
         yield OpenedImage(raw=raw, sector_size=sector, disk_guid=disk_guid, partitions=parts, root=mnt)
+        failed = [proc.returncode for proc in comparing if proc.wait() != 0]
+        if failed:
+            raise ImageError(f"{image.name} does not hold the bytes of the raw image it was converted from "
+                             f"(qemu-img compare: exit {failed[0]})",
+                             hint="the conversion or the disk is faulty; build again")

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import stat
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +53,7 @@ from imagebuild.gpg import (
     normalize_fingerprint,
     verify_clearsigned,
 )
-from imagebuild.log import complete_step, logger
+from imagebuild.log import Progress, complete_step, logger, mib
 from imagebuild.pointers import cache_lock, check_freshness, parse_pointer
 from imagebuild.run import find_tool
 
@@ -172,7 +171,7 @@ def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
         signed = _get_small(digests_url, hint=_SYNC_HINT)
         verified = verify_clearsigned(signed, keyring_path, what=digests_url, trusted=trusted)
         digests = parse_digests(verified.text, pointer.name, what=digests_url)
-        logger.info("  %s (%s), DIGESTS signed by %s", pointer.name, _mib(pointer.size), _signer(verified))
+        logger.info("  %s (%s), DIGESTS signed by %s", pointer.name, mib(pointer.size), _signer(verified))
 
         stages, downloads = cache_dir / "stages", cache_dir / "downloads"
         with _cache_errors(cache_dir):
@@ -262,7 +261,7 @@ def _download(url: str, partial: Path, size: int, *, progress: bool) -> None:
     resume_hint = f"run again to resume the download (kept in {partial}), or try another mirror"
     response, have = _open_at(url, partial, have, size)
     with response, open(partial, "ab" if have else "wb") as out, \
-            _Progress(partial.name.removesuffix(".partial"), size, have, enabled=progress) as bar:
+            Progress(partial.name.removesuffix(".partial"), size, have, enabled=progress, pipe_quarters=True) as bar:
         while True:
             try:
                 # read1 returns what has arrived, so a stall keeps every byte received before it.
@@ -300,7 +299,7 @@ def _open_at(url: str, partial: Path, have: int, size: int) -> tuple[http.client
     if have and response.status == 206:
         start, total = _content_range(response.headers.get("Content-Range"))
         if start == have and total in (None, size):
-            logger.info("  resuming %s at %s", partial.name, _mib(have))
+            logger.info("  resuming %s at %s", partial.name, mib(have))
             return response, have
         response.close()
         partial.unlink()
@@ -323,43 +322,6 @@ def _content_range(header: str | None) -> tuple[int | None, int | None]:
     if not match:
         return None, None
     return int(match.group(1)), (int(match.group(2)) if match.group(2) != "*" else None)
-
-
-class _Progress:
-    """A one-line progress bar on a terminal; a line per quarter elsewhere; silent when disabled."""
-
-    def __init__(self, name: str, total: int, start: int, *, enabled: bool) -> None:
-        self.name, self.total, self.start = name, total, start
-        self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
-        self.began = self.shown = time.monotonic()
-        self.quarter = start * 4 // max(total, 1)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if self.tty and (now - self.shown >= 0.2 or done == self.total):
-            self.shown = now
-            rate = (done - self.start) / max(now - self.began, 1e-3)
-            percent = 100 * done // max(self.total, 1)
-            bar = "#" * (percent // 4) + "." * (25 - percent // 4)
-            sys.stderr.write(f"\r  [{bar}] {percent:3d}% {_mib(done)} of {_mib(self.total)} {_mib(int(rate))}/s ")
-            sys.stderr.flush()
-        elif not self.tty and done * 4 // max(self.total, 1) > self.quarter:
-            self.quarter = done * 4 // max(self.total, 1)
-            logger.info("  %s: %d%% (%s of %s)", self.name, 25 * self.quarter, _mib(done), _mib(self.total))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1 << 20):.1f} MiB"
 
 
 # --- verification and the cache ------------------------------------------------------------

@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import lzma
 import os
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import IO, cast
 
 from imagebuild.config import STAGE_SUFFIXES
 from imagebuild.errors import CommandError, StageError
-from imagebuild.log import logger
+from imagebuild.log import Progress, logger
 from imagebuild.run import output_stream, run
 
 _XATTR_PREFIX = "SCHILY.xattr."
@@ -254,10 +255,10 @@ def unpacked_size(tarball: Path) -> int:
     return size
 
 
-def unpack_stage(tarball: Path, root: Path, room: int | None = None) -> int:
+def unpack_stage(tarball: Path, root: Path, room: int | None = None, *, progress: bool = False) -> int:
     """Extract ``tarball`` into the empty directory ``root``; return the number of members.
     ``room``: the bytes the members may take; a stage that needs more is refused before the
-    member that would not fit is written."""
+    member that would not fit is written. ``progress``: a progress bar on a terminal."""
     if not tarball.is_file():
         raise StageError(
             f"stage tarball {tarball} does not exist or is not a file",
@@ -265,12 +266,15 @@ def unpack_stage(tarball: Path, root: Path, room: int | None = None) -> int:
         )
     root.mkdir(parents=True, exist_ok=True)
     unpacker = _Unpacker(tarball, root, room)
+    progress = progress and sys.stderr.isatty()
     try:
         with _open_stream(tarball) as stream, \
-                tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tf:
+                tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tf, \
+                Progress("unpack", unpacked_size(tarball) if progress else 1, enabled=progress) as bar:
             tf.errorlevel = 2
             for member in tf:
                 unpacker.extract(tf, member)
+                bar.update(unpacker.written)
             _check_complete(tf, tarball)
             unpacker.finish(tf)
     except StageError:

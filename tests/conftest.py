@@ -182,7 +182,7 @@ def build_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     def build(arch: str, variant: str, init: str = "systemd") -> Path:
         if (arch, variant, init) not in built:
             stage = _standin(Arch(arch), init)
-            require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk")
+            require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sfdisk")
             out = tmp_path_factory.mktemp(f"{variant}-{arch}-{init}")
             from imagebuild.cli import main
 

@@ -38,7 +38,7 @@ from conftest import CACHE_DIR, loop_devices, qemu_processes, require_root, requ
 
 HERE = Path(__file__).parent
 STAMP = "20261124T000000Z"
-BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "tar")
+BUILD_TOOLS = ("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sfdisk", "tar")
 
 
 # --- Stage members ----------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     """One release of all eight images from the stand-in stages."""
     require_root()
     require_tools("qemu-img", "qemu-system-x86_64", "qemu-system-aarch64", "mkfs.xfs", "mkfs.vfat", "mcopy",
-                  "sgdisk")
+                  "sfdisk")
     for arch in Arch:
         for init in ("systemd", "openrc"):
             _standin(arch, init)  # built once and cached; the release reuses it

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(autouse=True)
 def _root() -> None:
     require_root()
-    require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk")
+    require_tools("qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sfdisk")
 
 
 def imagebuild(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,5 @@
-"""The disk layout with the real tools on sparse files: pyparted, sgdisk, mkfs, mtools, loop mounts."""
+"""The disk layout with the real tools on sparse files: pyparted, sfdisk, mkfs, mtools, loop mounts
+(and sgdisk, a third tool, to verify the GPT)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ def test_partition_table(tmp_path: Path, sector: int) -> None:
     assert root["start"] == esp["start"] + esp["size"]
     assert root["start"] % mib == 0 and (root["start"] + root["size"]) % mib == 0
     assert disk.root.offset == root["start"] * sector and disk.root.size == root["size"] * sector
+    # Another tool than the two that wrote it finds both GPTs and their CRCs right.
+    with attached(raw, sector=sector, read_only=True) as loop:
+        verified = subprocess.run(["sgdisk", "--verify", loop], capture_output=True, text=True)
+    assert verified.returncode == 0 and "No problems found" in verified.stdout, verified.stdout
 
 
 @pytest.mark.parametrize("sector", [512, 4096])

@@ -40,5 +40,5 @@ def test_every_host_program_is_in_the_table() -> None:
 
 
 def test_every_build_tool_has_packages() -> None:
-    assert {"qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sgdisk", "losetup", "sync"} <= set(BUILD_TOOLS)
+    assert {"qemu-img", "mkfs.xfs", "mkfs.vfat", "mcopy", "sfdisk", "losetup", "sync"} <= set(BUILD_TOOLS)
     assert all(HOST_TOOLS[name].debian and HOST_TOOLS[name].gentoo for name in HOST_TOOLS)
