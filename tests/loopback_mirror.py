@@ -90,7 +90,9 @@ def export_keyring(path: Path, *keys: SigningKey) -> Path:
 def make_signing_key(home: Path, uid: str, *, expired: bool = False, subkey: bool = False) -> SigningKey:
     """A new passphrase-less ed25519 signing key in GNUPGHOME ``home`` (fast to make).
 
-    ``expired``: made and used on 2020-01-01 with a one-day lifetime, so it has expired now.
+    ``expired``: made at midnight on 2020-01-01 with a one-day lifetime and used at noon that
+    day, so it has expired now. (gpg's faked clock runs on while the key is made: a signature
+    at the key's own creation second can come out "created in the future" on a loaded host.)
     ``subkey``: the key gets a signing subkey, and signatures are made with the subkey.
     """
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -112,7 +114,8 @@ def make_signing_key(home: Path, uid: str, *, expired: bool = False, subkey: boo
         listing = subprocess.run([*base, "--with-colons", "--with-subkey-fingerprint", "--list-keys"],
                                  capture_output=True, text=True, check=True).stdout
         sub = [line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")][-1]
-    return SigningKey(home=home, fingerprint=fingerprint, uid=uid, faked_time=faked_time, subkey=sub)
+    used = "20200101T120000" if expired else None
+    return SigningKey(home=home, fingerprint=fingerprint, uid=uid, faked_time=used, subkey=sub)
 
 
 def stop_gpg_agent(home: Path) -> None:

@@ -127,18 +127,25 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(tmp_path: Path, mini_sta
     assert_nothing_left(tmp_path)
 
 
-def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
-    proc = start_build(tmp_path, standin_amd64, "--debug")
+def signal_in_step(proc: subprocess.Popen[str], step: str, sig: signal.Signals) -> tuple[str, float]:
+    """Send ``sig`` a second into the step whose log line starts with ``step``; the build's
+    whole stderr, and how long it took to end after the signal."""
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("‣ Unpacking"):
+        if line.startswith(step):
             break
     time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    proc.send_signal(sig)
     _, rest = proc.communicate(timeout=60)
-    stderr = "".join(seen) + rest
+    return "".join(seen) + rest, time.monotonic() - start
+
+
+def test_signal_during_unpack(tmp_path: Path, standin_amd64: Path) -> None:
+    proc = start_build(tmp_path, standin_amd64, "--debug")
+    stderr, _ = signal_in_step(proc, "‣ Unpacking", signal.SIGTERM)
     assert proc.returncode == 130, stderr
     assert "Configuring" not in stderr, "the signal should have arrived while unpacking"
     assert_nothing_left(tmp_path)
@@ -149,18 +156,8 @@ def test_signal_during_conversion(sig: signal.Signals, tmp_path: Path, standin_a
     """The zlib qcow2 is written by imagebuild's own threads: a signal stops them within
     seconds, and the half-written image goes with the workspace."""
     proc = start_build(tmp_path, standin_amd64)
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith("‣ Converting to qcow2 (zlib)"):
-            break
-    time.sleep(1)
-    start = time.monotonic()
-    proc.send_signal(sig)
-    _, rest = proc.communicate(timeout=60)
-    stderr = "".join(seen) + rest
-    assert time.monotonic() - start < 10, "the build must stop within seconds"
+    stderr, took = signal_in_step(proc, "‣ Converting to qcow2 (zlib)", sig)
+    assert took < 10, "the build must stop within seconds"
     assert proc.returncode == 130, stderr
     assert f"interrupted by {sig.name}" in stderr and "Traceback" not in stderr
     assert "Writing CONTENTS" not in stderr, "the signal should have arrived while converting"
