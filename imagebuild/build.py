@@ -119,14 +119,14 @@ def acquire_stage(config: BuildConfig) -> Path:
     return path
 
 
-def unpack(ctx: Context, tarball: Path) -> None:
+def unpack(ctx: Context, tarball: Path, expected: int) -> None:
     # The room: what the root filesystem holds (less the first boot's 5%), and what the work
     # directory holds for the sparse raw image that backs it (less room for the ESP's files).
     ctx.root.mkdir(exist_ok=True)  # the mounted XFS root, or (a release's shared stage) a directory
     work_room = shutil.disk_usage(ctx.workspace).free - 128 * MiB
     root_room = int(shutil.disk_usage(ctx.root).free * 0.95)
     with complete_step(f"Unpacking {tarball.name}"), _root_space(ctx, root_room <= work_room):
-        count = unpack_stage(tarball, ctx.root, room=min(work_room, root_room), progress=True)
+        count = unpack_stage(tarball, ctx.root, room=min(work_room, root_room), expected=expected)
         logger.info("  %d entries", count)
 
 
@@ -176,7 +176,7 @@ def shared_stage(config: BuildConfig) -> Iterator[SharedStage]:
         workspace = stack.enter_context(Workspace(config.work_dir, f"stage-{config.arch.value}"))
         ctx = Context(config=config, workspace=workspace, stack=stack)
         tarball = acquire_stage(config)
-        unpack(ctx, tarball)
+        unpack(ctx, tarball, unpacked_size(tarball))
         yield SharedStage(tarball=tarball, tree=ctx.root)
 
 
@@ -331,11 +331,12 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: Sh
         ctx = Context(config=config, workspace=workspace, stack=stack)
         ids = Identifiers.make(config.image_name)
         tarball = acquire_stage(config) if shared is None else shared.tarball
-        disk = make_disk(ctx, ids, unpacked_size(tarball) if shared is None else tree_size(shared.tree))
+        tree_bytes = unpacked_size(tarball) if shared is None else tree_size(shared.tree)
+        disk = make_disk(ctx, ids, tree_bytes)
         # The stage goes straight into the image's XFS root: written once, never copied.
         with root_filesystem(ctx.raw, disk.root, config.layout, ctx.root):
             if shared is None:
-                unpack(ctx, tarball)
+                unpack(ctx, tarball, tree_bytes)
             else:
                 copy_shared(ctx, shared)
             stage = inspect_stage(ctx, tarball)

@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import lzma
 import os
-import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -255,10 +254,11 @@ def unpacked_size(tarball: Path) -> int:
     return size
 
 
-def unpack_stage(tarball: Path, root: Path, room: int | None = None, *, progress: bool = False) -> int:
+def unpack_stage(tarball: Path, root: Path, room: int | None = None, *, expected: int | None = None) -> int:
     """Extract ``tarball`` into the empty directory ``root``; return the number of members.
     ``room``: the bytes the members may take; a stage that needs more is refused before the
-    member that would not fit is written. ``progress``: a progress bar on a terminal."""
+    member that would not fit is written. ``expected``: its unpacked_size(), for a progress
+    bar on a terminal (None: no bar)."""
     if not tarball.is_file():
         raise StageError(
             f"stage tarball {tarball} does not exist or is not a file",
@@ -266,11 +266,10 @@ def unpack_stage(tarball: Path, root: Path, room: int | None = None, *, progress
         )
     root.mkdir(parents=True, exist_ok=True)
     unpacker = _Unpacker(tarball, root, room)
-    progress = progress and sys.stderr.isatty()
     try:
         with _open_stream(tarball) as stream, \
                 tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndAwareTarInfo) as tf, \
-                Progress("unpack", unpacked_size(tarball) if progress else 1, enabled=progress) as bar:
+                Progress("unpack", expected or 1, enabled=expected is not None) as bar:
             tf.errorlevel = 2
             for member in tf:
                 unpacker.extract(tf, member)

@@ -151,7 +151,7 @@ class Console:
             candidates += [
                 ("failure", p.regex, p.reason) for p in FAILURES if self.phase in p.phases
             ]
-            if watch_silence:
+            if watch_silence:  # last: a failure or milestone on the same line is found first
                 candidates.append(("line", r"\n", ""))
             phase_deadline = self._phase_start + deadlines[self.phase]
             boot_deadline = self.started + boot_timeout
