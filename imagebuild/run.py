@@ -142,17 +142,19 @@ def run(
         stdout=stdout if stdout is not None else subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=cwd,
+        # Its own process group, so that everything it starts can be stopped with it.
+        process_group=0,
         preexec_fn=die_with_parent(),
     )
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        stop(proc)
+        stop_group(proc)
         raise CommandError(f"command timed out after {timeout}s: {shlex.join(argv)}") from exc
     except BaseException:
-        # Interrupted (SIGINT/SIGTERM): let the child clean up after itself (mmdebstrap
-        # unmounts its chroot on SIGTERM), then make sure it is gone.
-        stop(proc)
+        # Interrupted (SIGINT/SIGTERM): let the command clean up after itself, then make sure
+        # nothing of it is left.
+        stop_group(proc)
         raise
     result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and result.returncode != 0:
@@ -212,6 +214,21 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
             proc.wait(timeout=grace)
     if proc.poll() is None:
         proc.kill()
+    proc.wait()
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """End ``proc`` and what it started (its process group, see run()): SIGTERM to the whole
+    group, as a terminal's ^C reaches every process of a job, ``grace`` seconds for ``proc`` to
+    exit, then SIGKILL to whatever of the group is left. mmdebstrap needs the signal to reach
+    its workers: they ignore SIGTERM while its main process waits for them, and one killed alone
+    leaves them running apt in the chroot (seen when a stand-in build was stopped)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
