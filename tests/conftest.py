@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from imagebuild.config import Arch
+from imagebuild.config import Arch, InitSystem
+from imagebuild.standin import is_foreign, standin_path
 
 TIERS = ("unit", "integration", "boot")
 STRICT = bool(os.environ.get("CI")) or bool(os.environ.get("IMAGEBUILD_STRICT"))
@@ -30,6 +32,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the whole suite nothing may be left: no loop device, no QEMU, no mount in a test dir."""
+    _stop_prebuild()
     loops = loop_devices() - _AT_START.get("loops", set())
     qemus = qemu_processes() - _AT_START.get("qemu", set())
     mounts = [m for m in mounts_under(Path("/tmp")) if "pytest-of-" in m or "imagebuild-" in m]
@@ -49,6 +52,62 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tier in TIERS:
             if tier in parts and not item.get_closest_marker(tier):
                 item.add_marker(getattr(pytest.mark, tier))
+    # Tests that need a foreign stand-in run last (see pytest_collection_finish); the sort is stable.
+    items.sort(key=lambda item: bool(_foreign_standins(item)))
+
+
+def _foreign_standins(item: pytest.Item) -> list[tuple[Arch, str]]:
+    """The stand-ins of another architecture than the host's that ``item`` says it needs."""
+    wanted = [(Arch(m.args[0]), m.args[1] if len(m.args) > 1 else "systemd")
+              for m in item.iter_markers("standin")]
+    return [(arch, init) for arch, init in wanted if is_foreign(arch)]
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stand-ins of a foreign architecture take minutes under qemu-user (arm64 from nothing:
+    ~6 min). When the selected tests need one that is not cached, it is built in the background
+    from the start, at the lowest CPU priority, and the tests that need it run last: the build
+    uses what the other tests leave idle instead of adding its minutes to the run (those tests
+    wait for it in _standin)."""
+    needed: list[tuple[Arch, str]] = []
+    for item in session.items:
+        needed += [s for s in _foreign_standins(item) if s not in needed]
+    if session.config.option.collectonly or os.geteuid() != 0 or shutil.which("mmdebstrap") is None:
+        return
+    missing_ones = [(a, i) for a, i in needed if not standin_path(a, CACHE_DIR, InitSystem(i)).exists()]
+    if missing_ones:
+        thread = threading.Thread(target=_prebuild, args=(missing_ones,), name="standin-prebuild", daemon=True)
+        _PREBUILD["thread"] = thread
+        thread.start()
+
+
+_PREBUILD: dict[str, threading.Thread] = {}
+_PREBUILDING: list[subprocess.Popen[bytes]] = []
+
+
+def _prebuild(standins: list[tuple[Arch, str]]) -> None:
+    log = CACHE_DIR / "standin-prebuild.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        for arch, init in standins:
+            # A failure shows again, with its message, when the test that needs the stand-in builds it.
+            proc = subprocess.Popen(["nice", "-n", "19", *cli_command("standin", arch.value, "--init", init,
+                                                                     "--cache-dir", CACHE_DIR)],
+                                    stdout=out, stderr=subprocess.STDOUT, env=cli_env(None))
+            _PREBUILDING.append(proc)
+            proc.wait()
+
+
+def _stop_prebuild() -> None:
+    """A session that ends before its foreign tests ran stops the build (it cleans up after itself)."""
+    thread = _PREBUILD.pop("thread", None)
+    if thread is None:
+        return
+    for proc in _PREBUILDING:
+        if proc.poll() is None:
+            proc.terminate()
+    thread.join()
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +217,9 @@ def cache_dir() -> Path:
 def _standin(arch: Arch, init: str = "systemd") -> Path:
     require_root()
     require_tools("mmdebstrap")
-    from imagebuild.config import InitSystem
+    prebuild = _PREBUILD.get("thread")
+    if prebuild is not None and is_foreign(arch):
+        prebuild.join()  # the background build of the foreign stand-ins (pytest_collection_finish)
     from imagebuild.standin import ensure_standin
 
     return ensure_standin(arch, CACHE_DIR, InitSystem(init))

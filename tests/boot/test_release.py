@@ -34,7 +34,7 @@ from imagebuild.config import Arch, ImageKind
 from conftest import CACHE_DIR, _standin, cli_command, cli_env, qemu_processes, require_root, require_tools, spawn_cli
 from test_images import EXPECTED_CHECKS
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, pytest.mark.standin("arm64"), pytest.mark.standin("arm64", "openrc")]
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST, BROKEN, KILLED, CONCURRENT = ("20261124T000000Z", "20261201T000000Z", "20261208T000000Z",
