@@ -22,7 +22,7 @@ from imagebuild.tree import Tree
 
 # The PATH programs run with inside the stage (Catalyst's chroot-functions.sh).
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_HOST_ARCH = {"x86_64": Arch.amd64, "aarch64": Arch.arm64}
+_HOST_ARCH = {"x86_64": Arch.amd64, "aarch64": Arch.arm64, "riscv64": Arch.riscv64}
 
 
 # ELF e_machine values (offset 18, little-endian on both architectures).
@@ -44,17 +44,28 @@ def check_stage_arch(tree: Tree, arch: Arch) -> None:
         )
 
 
-def check_can_execute(arch: Arch) -> None:
+def check_can_execute(arch: Arch, binfmt_dir: Path = Path("/proc/sys/fs/binfmt_misc")) -> None:
     """Fail early, with the fix, when the tree's binaries cannot run on this host."""
     if _HOST_ARCH.get(platform.machine()) == arch:
         return
-    handler = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch.uname}")
+    handler = binfmt_dir / f"qemu-{arch.uname}"
     if not handler.exists() or "enabled" not in handler.read_text():
         raise StageError(
             f"cannot run the {arch.value} stage's programs on this {platform.machine()} host: "
             f"no enabled binfmt_misc handler qemu-{arch.uname}",
             hint="install qemu-user-static and binfmt-support (ci/setup does), mount binfmt_misc "
             "('mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc') and run 'update-binfmts --enable'",
+        )
+    # Catalyst copies the spec's "interpreter" into the stage; with the F flag the kernel holds
+    # the host's interpreter open itself, so nothing of the host goes into the image.
+    flags = next((line.split(":", 1)[1].strip() for line in handler.read_text().splitlines()
+                  if line.startswith("flags:")), "")
+    if "F" not in flags:
+        raise StageError(
+            f"the binfmt_misc handler qemu-{arch.uname} lacks the F (fix binary) flag: the {arch.value} "
+            "stage's programs would need the host's qemu-user binary inside the stage",
+            hint="register it with the F flag (Debian's qemu-user-static does; Gentoo: "
+            "app-emulation/qemu[static-user] with its binfmt files), then 'update-binfmts --enable'",
         )
 
 

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", parents=[common], help="build one image from a spec, then smoke-test it")
-    build.add_argument("arch", help="amd64 or arm64")
+    build.add_argument("arch", help="amd64, arm64 or riscv64")
     build.add_argument("variant", help="console or cloud-init")
     build.add_argument("--spec", type=Path, help="Catalyst-style spec (default: the shipped specs/ARCH/VARIANT.spec)")
     build.add_argument("--init", choices=[i.value for i in InitSystem],
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke-test", parents=[common], help="boot an image under QEMU + edk2 and check it works")
     smoke.add_argument("image", type=Path)
     _allow_backing_file(smoke)
-    smoke.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    smoke.add_argument("--arch", help="amd64, arm64 or riscv64 (default: from the image's manifest)")
     smoke.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     smoke.add_argument("--results", type=Path, help="directory for the log, JSON and JUnit (default: beside the image)")
     smoke.add_argument("--boot-timeout", type=float, default=float(options.default("boot_timeout")),
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="boot an image by hand, its serial console on this terminal (Ctrl-a x quits)")
     boot.add_argument("image", type=Path)
     _allow_backing_file(boot)
-    boot.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    boot.add_argument("--arch", help="amd64, arm64 or riscv64 (default: from the image's manifest)")
     boot.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     boot.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     boot.add_argument("--cpus", type=int, default=2, help="guest CPUs (default 2)")
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", parents=[common], help="audit an image offline (layout, boot files, hygiene, variant)")
     inspect.add_argument("image", type=Path)
     _allow_backing_file(inspect)
-    inspect.add_argument("--arch", help="amd64 or arm64 (default: from the image's manifest)")
+    inspect.add_argument("--arch", help="amd64, arm64 or riscv64 (default: from the image's manifest)")
     inspect.add_argument("--variant", help="console or cloud-init (default: from the image's manifest)")
     inspect.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     inspect.add_argument("--keep-caches", action="store_true", help="allow distfiles and binary packages")
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
     seed = sub.add_parser("stage1", parents=[common],
                           help="diskimage-stage1: emerge a spec's diskimage/packages into a stage, write a seed")
-    seed.add_argument("arch", help="amd64 or arm64")
+    seed.add_argument("arch", help="amd64, arm64 or riscv64")
     seed.add_argument("--spec", type=Path, required=True, help="a diskimage-stage1 spec (Catalyst syntax)")
     seed.add_argument("--stage", required=True, metavar="SOURCE", help="stage3 tarball path, or 'standin'")
     seed.add_argument("-o", "--output", type=Path, required=True, help="seed tarball to write (.tar, .tar.xz, .tar.zst)")
@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", parents=[common], help="list the host tools and features imagebuild needs, and what is missing")
 
     stage = sub.add_parser("standin", parents=[common], help="build (or find cached) the offline stand-in stage and print its path")
-    stage.add_argument("arch", help="amd64 or arm64")
+    stage.add_argument("arch", help="amd64, arm64 or riscv64")
     stage.add_argument("--init", choices=[i.value for i in InitSystem], default=InitSystem.systemd.value,
                        help="the stand-in's init system (default: systemd)")
     stage.add_argument("--cache-dir", type=Path, default=Path(options.default("cache_dir")))

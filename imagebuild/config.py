@@ -14,11 +14,13 @@ from imagebuild.errors import ConfigError
 class Arch(enum.StrEnum):
     amd64 = "amd64"
     arm64 = "arm64"
+    riscv64 = "riscv64"
 
     @classmethod
     def parse(cls, text: str) -> Arch:
+        """An architecture by imagebuild's name or Gentoo's (``riscv``, ``rv64_lp64d``)."""
         try:
-            return cls(text)
+            return cls(_GENTOO_ALIASES.get(text, text))
         except ValueError:
             raise ConfigError(
                 f"unknown architecture '{text}'",
@@ -28,28 +30,45 @@ class Arch(enum.StrEnum):
     @property
     def uname(self) -> str:
         """What ``uname -m`` prints on this architecture."""
-        return {Arch.amd64: "x86_64", Arch.arm64: "aarch64"}[self]
+        return {Arch.amd64: "x86_64", Arch.arm64: "aarch64", Arch.riscv64: "riscv64"}[self]
 
     @property
     def grub_target(self) -> str:
-        return {Arch.amd64: "x86_64-efi", Arch.arm64: "arm64-efi"}[self]
+        return {Arch.amd64: "x86_64-efi", Arch.arm64: "arm64-efi", Arch.riscv64: "riscv64-efi"}[self]
 
     @property
     def efi_binary(self) -> str:
         """The removable-media path name UEFI firmware boots without NVRAM entries."""
-        return {Arch.amd64: "BOOTX64.EFI", Arch.arm64: "BOOTAA64.EFI"}[self]
+        return {Arch.amd64: "BOOTX64.EFI", Arch.arm64: "BOOTAA64.EFI", Arch.riscv64: "BOOTRISCV64.EFI"}[self]
 
     @property
     def serial_console(self) -> str:
-        return {Arch.amd64: "ttyS0", Arch.arm64: "ttyAMA0"}[self]
+        # QEMU's riscv64 "virt" board has an NS16550 UART, as PCs do; arm64's has a PL011.
+        return {Arch.amd64: "ttyS0", Arch.arm64: "ttyAMA0", Arch.riscv64: "ttyS0"}[self]
 
     @property
     def qemu_system(self) -> str:
-        return {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64"}[self]
+        return {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64",
+                Arch.riscv64: "qemu-system-riscv64"}[self]
 
     @property
     def debian(self) -> str:
-        return {Arch.amd64: "amd64", Arch.arm64: "arm64"}[self]
+        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "riscv64"}[self]
+
+    @property
+    def gentoo(self) -> str:
+        """How Gentoo names the architecture in its files (``di-rv64_lp64d-console.qcow2``)."""
+        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "rv64_lp64d"}[self]
+
+    @property
+    def gentoo_dir(self) -> str:
+        """Gentoo's directory for the architecture on its mirrors (``releases/riscv/``)."""
+        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "riscv"}[self]
+
+
+# Gentoo's names for an architecture: its keyword/mirror directory and the subarch of releng's
+# specs (releases/specs-qemu/riscv/*.spec say "subarch: rv64_lp64d").
+_GENTOO_ALIASES = {"riscv": "riscv64", "rv64_lp64d": "riscv64"}
 
 
 class Variant(enum.StrEnum):

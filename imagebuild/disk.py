@@ -26,6 +26,7 @@ from imagebuild.tree import walk_host
 DPS_ROOT_TYPE = {
     Arch.amd64: "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
     Arch.arm64: "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+    Arch.riscv64: "72EC70A6-CF74-40E6-BD49-4BDA08E8F224",
 }
 _ALIGN = 1 * MiB
 

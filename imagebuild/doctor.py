@@ -32,8 +32,12 @@ def _features() -> list[tuple[str, Callable[[], tuple[bool, str]], str, str, boo
                           "loop devices, mounts and chroot need root"), "", "", True),
         ("edk2 firmware amd64", lambda: _firmware(Arch.amd64), "ovmf", "sys-firmware/edk2-bin", True),
         ("edk2 firmware arm64", lambda: _firmware(Arch.arm64), "qemu-efi-aarch64", "sys-firmware/edk2-bin", True),
-        ("binfmt for arm64", _binfmt_arm64, "qemu-user-static binfmt-support",
+        ("UEFI firmware riscv64", lambda: _firmware(Arch.riscv64), "u-boot-qemu opensbi",
+         "sys-firmware/edk2-bin", False),
+        ("binfmt for arm64", lambda: _binfmt(Arch.arm64), "qemu-user-static binfmt-support",
          "app-emulation/qemu[static-user,qemu_user_targets_aarch64]", False),
+        ("binfmt for riscv64", lambda: _binfmt(Arch.riscv64), "qemu-user-static binfmt-support",
+         "app-emulation/qemu[static-user,qemu_user_targets_riscv64]", False),
         ("KVM", _kvm, "(host: /dev/kvm)", "(host: /dev/kvm)", False),
     ]
 
@@ -50,22 +54,22 @@ def _firmware(arch: Arch) -> tuple[bool, str]:
         firmware = find_firmware(arch)
     except ImagebuildError as exc:
         return False, exc.message
-    return True, str(firmware.code)
+    return True, f"{firmware.name}: {firmware.code}"
 
 
-def _binfmt_arm64() -> tuple[bool, str]:
-    if platform.machine() == "aarch64":
-        return True, "native arm64 host"
-    handler = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
+def _binfmt(arch: Arch) -> tuple[bool, str]:
+    if platform.machine() == arch.uname:
+        return True, f"native {arch} host"
+    handler = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch.uname}")
     if handler.exists() and "enabled" in handler.read_text():
-        return True, "qemu-aarch64 registered and enabled"
-    return False, "no enabled qemu-aarch64 handler: arm64 stages cannot run commands in their chroot"
+        return True, f"qemu-{arch.uname} registered and enabled"
+    return False, f"no enabled qemu-{arch.uname} handler: {arch} stages cannot run commands in their chroot"
 
 
 def _kvm() -> tuple[bool, str]:
     from imagebuild.smoketest.qemu import kvm_works
 
-    host = {"x86_64": Arch.amd64, "aarch64": Arch.arm64}.get(platform.machine())
+    host = {a.uname: a for a in Arch}.get(platform.machine())
     if host is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "no usable /dev/kvm: smoke tests run under TCG (slower)"
     try:

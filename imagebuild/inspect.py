@@ -22,7 +22,7 @@ from imagebuild.tree import Tree
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 LINUX_FS_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 # PE/COFF machine field of an EFI executable, per architecture.
-_PE_MACHINE = {Arch.amd64: 0x8664, Arch.arm64: 0xAA64}
+_PE_MACHINE = {Arch.amd64: 0x8664, Arch.arm64: 0xAA64, Arch.riscv64: 0x5064}
 
 
 @dataclasses.dataclass(frozen=True)

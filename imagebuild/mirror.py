@@ -155,11 +155,11 @@ def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
     keyring_path = find_keyring(keyring)  # before any network traffic: fail fast without a key
     find_tool("gpg")
     cache_dir = Path(cache_dir)
-    autobuilds = f"{base_url.rstrip('/')}/releases/{arch.value}/autobuilds"
+    autobuilds = f"{base_url.rstrip('/')}/releases/{arch.gentoo_dir}/autobuilds"
     pointer_url = f"{autobuilds}/latest-stage3-{flavour}.txt"
     with complete_step(f"Fetching the latest stage3-{flavour} from {base_url}"):
         signed = _get_small(pointer_url, hint=f"check the mirror URL and that Gentoo publishes a "
-                            f"stage3-{flavour} for {arch.value} (releases/{arch.value}/autobuilds/)")
+                            f"stage3-{flavour} for {arch.value} (releases/{arch.gentoo_dir}/autobuilds/)")
         verified = verify_clearsigned(signed, keyring_path, what=pointer_url, trusted=trusted)
         pointer = parse_pointer(verified.text, flavour, what=pointer_url)
         logger.info("  %s: %s, signed by %s", PurePosixPath(pointer_url).name, pointer.when, _signer(verified))

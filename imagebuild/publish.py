@@ -93,21 +93,21 @@ def check_stamp(stamp: str) -> str:
 
 
 def autobuilds(out: Path, arch: Arch) -> Path:
-    return out / "releases" / arch.value / "autobuilds"
+    return out / "releases" / arch.gentoo_dir / "autobuilds"
 
 
 def result_dir(result: ImageResult, stamp: str) -> PurePosixPath:
     """Where an image's files are published, relative to the output root."""
     if result.passed:
-        return PurePosixPath("releases", result.arch.value, "autobuilds", stamp)
-    return PurePosixPath("failed", stamp, result.arch.value)
+        return PurePosixPath("releases", result.arch.gentoo_dir, "autobuilds", stamp)
+    return PurePosixPath("failed", stamp, result.arch.gentoo_dir)
 
 
 # -- pointers --------------------------------------------------------------------------------
 
 
 def pointer_name(arch: Arch, kind: ImageKind) -> str:
-    return f"latest-di-{arch.value}-{kind.file_part}.txt"
+    return f"latest-di-{arch.gentoo}-{kind.file_part}.txt"
 
 
 def pointer_text(stamp: str, file: str, size: int, now: float) -> str:
@@ -303,7 +303,7 @@ def publish(out: Path, staging: Path, stamp: str, results: list[ImageResult], *,
             sign_files([directory / n for n in wanted], sign)
             result.files += [n + ".asc" for n in wanted if n + ".asc" not in result.files]
     for result in passed:
-        pointer = tree / "releases" / result.arch.value / "autobuilds" / result.pointer
+        pointer = tree / "releases" / result.arch.gentoo_dir / "autobuilds" / result.pointer
         assert result.size is not None
         pointer.write_text(pointer_text(stamp, result.image, result.size, now))
         if sign:
@@ -316,14 +316,14 @@ def publish(out: Path, staging: Path, stamp: str, results: list[ImageResult], *,
     arches = sorted({r.arch for r in results})
     with signals_deferred():
         for arch in arches:
-            prepared = tree / "releases" / arch.value / "autobuilds"
+            prepared = tree / "releases" / arch.gentoo_dir / "autobuilds"
             if (prepared / stamp).is_dir():
                 _rename_new(prepared / stamp, autobuilds(out, arch) / stamp)
         if (tree / "failed" / stamp).is_dir():
             _rename_new(tree / "failed" / stamp, out / "failed" / stamp)
         # Pointers last: each names a file that is already in place.
         for arch in arches:
-            for pointer in sorted((tree / "releases" / arch.value / "autobuilds").glob("latest-*.txt")):
+            for pointer in sorted((tree / "releases" / arch.gentoo_dir / "autobuilds").glob("latest-*.txt")):
                 os.replace(pointer, autobuilds(out, arch) / pointer.name)
         for name in (SUMMARY_JSON, SUMMARY_HTML):
             os.replace(staging / name, out / name)
@@ -467,7 +467,7 @@ def render_summary(stamp: str, results: Sequence[ImageResult], now: float) -> st
         rows.append({"image": r.image, "arch": r.arch.value, "variant": str(r.kind),
                      "size": human_size(r.size), "build": seconds(r.build_seconds),
                      "boot": seconds(r.boot_seconds), "passed": r.passed, "reason": r.reason, "links": links})
-    pointers = sorted({str(PurePosixPath("releases", r.arch.value, "autobuilds", r.pointer))
+    pointers = sorted({str(PurePosixPath("releases", r.arch.gentoo_dir, "autobuilds", r.pointer))
                        for r in results if r.passed})
     return _html().get_template("release-summary.html.j2").render(
         stamp=stamp, rows=rows, pointers=pointers,

@@ -214,7 +214,8 @@ def _flavour(spec: Spec, arch: Arch) -> str:
 
 def _check_matches(spec: Spec, arch: Arch, variant: Variant) -> None:
     subarch = spec.get("subarch")
-    if subarch is not None and subarch != arch.value:
+    # Gentoo's names count: releng's riscv specs say "subarch: rv64_lp64d".
+    if subarch is not None and subarch not in (arch.value, arch.gentoo, arch.gentoo_dir):
         raise ConfigError(
             f"{spec.where('subarch')}: the spec is for '{subarch}', but {arch.value} was asked for",
             hint=f"use a spec for {arch.value}, or build {subarch}",
@@ -238,4 +239,4 @@ def _image_name(spec: Spec, arch: Arch, kind: ImageKind, stamp: str) -> str:
                 "di-amd64-console-@TIMESTAMP@.qcow2",
             )
         return name
-    return f"di-{arch.value}-{kind.file_part}-{stamp}.qcow2"
+    return f"di-{arch.gentoo}-{kind.file_part}-{stamp}.qcow2"

@@ -40,6 +40,8 @@ HOST_TOOLS: dict[str, HostTool] = {
     "qemu-img": HostTool("qemu-utils", "app-emulation/qemu", "qcow2 conversion, image checks", build=True),
     "qemu-system-x86_64": HostTool("qemu-system-x86", "app-emulation/qemu", "smoke test of amd64 images"),
     "qemu-system-aarch64": HostTool("qemu-system-arm", "app-emulation/qemu", "smoke test of arm64 images"),
+    "qemu-system-riscv64": HostTool("qemu-system-misc", "app-emulation/qemu", "smoke test of riscv64 images",
+                                    optional=True),
     "mkfs.xfs": HostTool("xfsprogs", "sys-fs/xfsprogs", "root filesystem", build=True),
     "mkfs.vfat": HostTool("dosfstools", "sys-fs/dosfstools", "EFI system partition", build=True),
     "mcopy": HostTool("mtools", "sys-fs/mtools", "filling the ESP without mounting FAT", build=True),

@@ -22,7 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from imagebuild import options
 from imagebuild.config import Arch
-from imagebuild.errors import SpecError
+from imagebuild.errors import ConfigError, SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -394,11 +394,19 @@ def _check_values(drafts: Mapping[str, _Draft], problems: list[tuple[int, str]])
             problems.append((draft.line, f"'{draft.key}: {value}': {problem}"))
 
     target, subarch = drafts.get("target"), drafts.get("subarch")
-    arches = [a.value for a in Arch]
     if target and subarch and " ".join(target.tokens) in DISKIMAGE_TARGETS:
-        if " ".join(subarch.tokens) not in [*arches, "none"]:
-            problems.append((subarch.line, f"'subarch: {' '.join(subarch.tokens)}': imagebuild "
-                                           f"builds disk images for {', '.join(arches)} only"))
+        name = " ".join(subarch.tokens)
+        if name != "none" and not _is_arch(name):
+            problems.append((subarch.line, f"'subarch: {name}': imagebuild builds disk images for "
+                                           f"{', '.join(a.value for a in Arch)} only"))
+
+
+def _is_arch(name: str) -> bool:
+    try:
+        Arch.parse(name)
+    except ConfigError:
+        return False
+    return True
 
 
 def _spec_error(path: Path, problems: list[tuple[int, str]]) -> SpecError:

@@ -41,7 +41,7 @@ NOTICE = (
 )
 
 # Debian has riscv64 from trixie on; bookworm for the others (what these machines run).
-SUITE = {Arch.amd64: "bookworm", Arch.arm64: "bookworm"}
+SUITE = {Arch.amd64: "bookworm", Arch.arm64: "bookworm", Arch.riscv64: "trixie"}
 
 # Shared by every init: cloud-init for the cloud-init variant, openssh, xfsprogs for the root.
 _BASE_PACKAGES = (
@@ -51,6 +51,7 @@ _BASE_PACKAGES = (
 _ARCH_PACKAGES = {
     Arch.amd64: ("linux-image-amd64", "grub-efi-amd64-bin"),
     Arch.arm64: ("linux-image-arm64", "grub-efi-arm64-bin"),
+    Arch.riscv64: ("linux-image-riscv64", "grub-efi-riscv64-bin"),
 }
 _INIT_PACKAGES = {
     InitSystem.systemd: ("systemd-sysv",),
@@ -234,7 +235,7 @@ def _ensure(layer: Layer, cache_dir: Path) -> Path:
 
 def is_foreign(arch: Arch) -> bool:
     """Whether stand-ins for ``arch`` are built through qemu-user on this host."""
-    host = {"x86_64": Arch.amd64, "aarch64": Arch.arm64}.get(platform.machine())
+    host = {"x86_64": Arch.amd64, "aarch64": Arch.arm64, "riscv64": Arch.riscv64}.get(platform.machine())
     return host != arch
 
 

@@ -26,9 +26,13 @@ def test_arch_and_variant_names() -> None:
     assert Arch.parse("amd64").serial_console == "ttyS0"
     assert Variant.parse("cloudinit") is Variant.cloudinit
     assert Variant.cloudinit.file_part == "cloudinit"
-    with pytest.raises(ConfigError, match="unknown architecture 'riscv'") as info:
-        Arch.parse("riscv")
-    assert "amd64, arm64" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown architecture 'sparc64'") as info:
+        Arch.parse("sparc64")
+    assert "amd64, arm64, riscv64" in str(info.value)
+    # Gentoo's names: the keyword (releases/riscv/) and releng's subarch (di-rv64_lp64d-*).
+    assert Arch.parse("riscv") is Arch.parse("rv64_lp64d") is Arch.riscv64
+    assert (Arch.riscv64.gentoo, Arch.riscv64.gentoo_dir) == ("rv64_lp64d", "riscv")
+    assert Arch.riscv64.efi_binary == "BOOTRISCV64.EFI" and Arch.riscv64.grub_target == "riscv64-efi"
     with pytest.raises(ConfigError, match="unknown image variant 'desktop'"):
         Variant.parse("desktop")
 

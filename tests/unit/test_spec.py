@@ -342,9 +342,12 @@ def test_good_values_pass(line: str) -> None:
 
 def test_subarch_is_limited_only_for_disk_images() -> None:
     assert parse("subarch: sparc64\ntarget: stage3\n").get("subarch") == "sparc64"
-    assert problems("target: diskimage-stage2\nsubarch: riscv\n") == [
-        "test.spec:2: 'subarch: riscv': imagebuild builds disk images for amd64, arm64 only"
+    assert problems("target: diskimage-stage2\nsubarch: loong\n") == [
+        "test.spec:2: 'subarch: loong': imagebuild builds disk images for amd64, arm64, riscv64 only"
     ]
+    # Gentoo's names for riscv64 (releng's riscv specs say rv64_lp64d).
+    assert parse("target: diskimage-stage2\nsubarch: rv64_lp64d\n").get("subarch") == "rv64_lp64d"
+    assert parse("target: diskimage-stage1\nsubarch: riscv\n").get("subarch") == "riscv"
 
 
 def test_all_problems_of_a_file_are_reported_at_once() -> None:
@@ -418,7 +421,7 @@ def test_shipped_specs(arch: str, variant: str, file_part: str, init: str) -> No
 def test_shipped_specs_are_all_there() -> None:
     found = sorted(p.relative_to(REPO / "specs").as_posix()
                    for p in (REPO / "specs").rglob("*.spec"))
-    assert found == sorted(f"{arch}/{variant}{init}.spec" for arch in ("amd64", "arm64")
+    assert found == sorted(f"{arch}/{variant}{init}.spec" for arch in ("amd64", "arm64", "riscv64")
                            for variant in ("cloud-init", "console") for init in ("", "-openrc"))
 
 
