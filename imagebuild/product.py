@@ -59,6 +59,13 @@ def make_image(config: BuildConfig, *, shared: SharedStage | None = None, keep_w
             reports.append(inspect_image(image, config.arch, config.variant, work_dir=config.work_dir, raw=raw))
             Companion.inspect.of(image).write_text(reports[0].to_json())
 
+    if config.smoke_test:
+        # A test that cannot run here says so before minutes of building, not after.
+        from imagebuild.run import find_tool
+        from imagebuild.smoketest.firmware import check_sector_size, find_firmware
+
+        find_tool(config.arch.qemu_system)
+        check_sector_size(find_firmware(config.arch), config.arch, config.layout.sector_size)
     started = time.monotonic()
     image = build_image(config, keep_workspace=keep_workspace, shared=shared, audit=audit)
     build_seconds = round(time.monotonic() - started, 1)

@@ -25,7 +25,7 @@ from imagebuild.smoketest.console import (
     GuestFailure,
     boot_deadlines,
 )
-from imagebuild.smoketest.firmware import Firmware, find_firmware
+from imagebuild.smoketest.firmware import Firmware, check_sector_size, find_firmware
 from imagebuild.smoketest.qemu import QMP_GONE, QemuMachine, kvm_works
 from imagebuild.smoketest.results import CheckResult, SmokeResult, write_json, write_junit
 from imagebuild.smoketest.seed import Seed, write_seed_iso
@@ -71,12 +71,13 @@ def smoke_test(
     header = read_header(image, allow_external=allow_backing_file)
     find_tool(arch.qemu_system)
     firmware = find_firmware(arch)
+    sector_size = image_sector_size(image)
+    check_sector_size(firmware, arch, sector_size)
     results_dir.mkdir(parents=True, exist_ok=True)
     accel = "kvm" if kvm_works(arch, firmware) else "tcg"
     paths = result_paths(image, results_dir)
     paths["screenshot"].unlink(missing_ok=True)  # a stale one would look like this run's
     image_size = header.virtual_size
-    sector_size = image_sector_size(image)
     seed = Seed.make() if variant is Variant.cloudinit else None
 
     disk = "" if sector_size == 512 else f", {sector_size}-byte sectors"

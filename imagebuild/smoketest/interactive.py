@@ -7,7 +7,6 @@ seed with a login printed before the boot, since it has no other account that wo
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from imagebuild.smoketest.qemu import guest_args, kvm_works, network_args, run_q
 from imagebuild.smoketest.seed import Seed, write_seed_iso
 
 
-def qemu_command(image: Path, arch: Arch, *, firmware: Firmware, vars_copy: Path, accel: str,
+def qemu_command(image: Path, arch: Arch, *, firmware: Firmware, vars_copy: Path | None, accel: str,
                  sector_size: int, memory: str, cpus: int, writable: bool, seed_iso: Path | None,
                  ssh_port: int | None) -> list[str]:
     forward = f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""
@@ -32,7 +31,7 @@ def qemu_command(image: Path, arch: Arch, *, firmware: Firmware, vars_copy: Path
         "-no-user-config",
         *guest_args(arch=arch, accel=accel, firmware=firmware, vars_copy=vars_copy, disk=image,
                     sector_size=sector_size, memory=memory, cpus=cpus, snapshot=not writable, seed=seed_iso),
-        *network_args(forward),
+        *network_args(forward, firmware),
         # The serial console and QEMU's monitor share this terminal: Ctrl-a c switches,
         # Ctrl-a x quits. signal=off: a ^C goes to the guest, not to QEMU.
         "-chardev", "stdio,id=console0,mux=on,signal=off",
@@ -51,8 +50,7 @@ def boot_interactively(image: Path, arch: Arch, variant: Variant, *, memory: str
     accel = "kvm" if kvm_works(arch, firmware) else "tcg"
     sector_size = image_sector_size(image)
     with tempfile.TemporaryDirectory(prefix="imagebuild-qemu-") as tmp:
-        vars_copy = Path(tmp) / f"vars.{firmware.format}"
-        shutil.copyfile(firmware.vars_template, vars_copy)
+        vars_copy = firmware.copy_vars(Path(tmp))
         seed = Seed.make() if variant is Variant.cloudinit else None
         seed_iso = write_seed_iso(seed, Path(tmp) / "seed.iso") if seed else None
         command = qemu_command(image, arch, firmware=firmware, vars_copy=vars_copy, accel=accel, sector_size=sector_size,

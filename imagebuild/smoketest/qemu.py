@@ -29,7 +29,7 @@ from imagebuild.config import Arch
 from imagebuild.errors import SmokeTestError
 from imagebuild.log import logger
 from imagebuild.run import find_tool, run, spawn, stop
-from imagebuild.smoketest.firmware import MACHINE_ALIAS, Firmware
+from imagebuild.smoketest.firmware import MACHINE_ALIAS, Firmware, escape
 
 # What QMP raises once QEMU has gone away; after a power-off that is the expected end.
 QMP_GONE = (QMPError, EOFError, OSError, asyncio.TimeoutError)
@@ -73,9 +73,7 @@ def _probe_kvm(arch: Arch, firmware: Firmware | None) -> bool:
         cmd = [binary, "-nodefaults", "-no-user-config", "-display", "none", "-machine",
                MACHINE_ALIAS[arch], "-accel", "kvm", "-cpu", "host", "-m", "256"]
         if firmware is not None:
-            vars_copy = Path(tmp) / f"vars.{firmware.format}"
-            shutil.copyfile(firmware.vars_template, vars_copy)
-            cmd += _pflash_args(firmware, vars_copy)
+            cmd += firmware.qemu_args(firmware.copy_vars(Path(tmp)))
         cmd += ["-chardev", f"socket,id=qmp0,path={escape(qmp_path)}",
                 "-mon", "chardev=qmp0,mode=control"]
         qmp = QEMUMonitorProtocol(str(qmp_path), server=True)
@@ -178,11 +176,11 @@ class QemuMachine:
             # A guest that resets (panic, triple fault, reboot) ends the run instead of looping.
             "-no-reboot",
             *guest_args(arch=self.arch, accel=self.accel, firmware=self.firmware,
-                        vars_copy=tmp / f"vars.{self.firmware.format}", disk=self._disk(tmp),
+                        vars_copy=self.firmware.vars_copy_in(tmp), disk=self._disk(tmp),
                         sector_size=self.sector_size, memory=self.memory, cpus=self.cpus, seed=self.seed),
             # A NIC only for the cloud-init guest (the one whose datasource seed goes with a
             # network), isolated from the host's network: DHCP works, nothing gets out.
-            *(network_args("restrict=on") if self.seed else []),
+            *(network_args("restrict=on", self.firmware) if self.seed else []),
             # wait=on: the guest does not start before we are connected, so nothing is lost.
             "-chardev", f"socket,id=serial0,path={escape(tmp / 'serial.sock')},server=on,wait=on",
             "-serial", "chardev:serial0",
@@ -201,9 +199,7 @@ class QemuMachine:
         """Start QEMU, connect the serial console and QMP; SmokeTestError if that fails."""
         self._tmp = Path(tempfile.mkdtemp(prefix="imagebuild-qemu-"))
         try:
-            shutil.copyfile(
-                self.firmware.vars_template, self._tmp / f"vars.{self.firmware.format}"
-            )
+            self.firmware.copy_vars(self._tmp)
             if self.disk_size:
                 run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image, "-F", "qcow2",
                      self._disk(self._tmp), str(self.disk_size)])
@@ -375,7 +371,7 @@ class QemuMachine:
             self._tmp = None
 
 
-def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, disk: Path,
+def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path | None, disk: Path,
                sector_size: int, memory: str, cpus: int, snapshot: bool = True,
                seed: Path | None = None) -> list[str]:
     """The virtual machine itself, for the smoke test and ``imagebuild qemu`` alike: machine,
@@ -385,10 +381,14 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
         # "max" under TCG offers x86-64-v2/v3 instructions to images built for them.
         cpu = "host" if accel == "kvm" else "max"
         display = ["-vga", "std"]
-    else:
+    elif arch is Arch.arm64:
         # Plain "max" is slow under TCG (pointer authentication emulation); neoverse-n1
         # is a real ARMv8.2 core every arm64 distribution kernel supports.
         cpu = "host" if accel == "kvm" else "neoverse-n1"
+        display = ["-device", "virtio-gpu-pci"]
+    else:
+        # rv64: RV64GC with the extensions this QEMU implements, what distribution kernels need.
+        cpu = "host" if accel == "kvm" else "rv64"
         display = ["-device", "virtio-gpu-pci"]
     return [
         "-machine", MACHINE_ALIAS[arch],
@@ -396,7 +396,7 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
         "-cpu", cpu,
         "-m", memory,
         "-smp", str(cpus),
-        *_pflash_args(firmware, vars_copy),
+        *firmware.qemu_args(vars_copy),
         # snapshot=on: writes go to a throwaway overlay, the image is never changed.
         "-drive", f"file={escape(disk)},if=none,id={DISK_ID},format=qcow2,snapshot={'on' if snapshot else 'off'}",
         # The disk's sectors are the image's: a 4Kn image boots on a 4Kn disk.
@@ -408,31 +408,24 @@ def guest_args(*, arch: Arch, accel: str, firmware: Firmware, vars_copy: Path, d
     ]  # fmt: skip
 
 
-def network_args(netdev_options: str) -> list[str]:
+def network_args(netdev_options: str, firmware: Firmware) -> list[str]:
     """A virtio NIC on QEMU's user network (``netdev_options``: restrict=on, hostfwd=...).
 
     No option ROM, and edk2's PXE off: a guest whose disk does not boot must fail at once,
-    not after minutes of network boot attempts.
+    not after minutes of network boot attempts. (The setting goes through fw_cfg, which only
+    edk2 reads; riscv64's board has no fw_cfg device under QEMU 7.2, where U-Boot boots.)
     """
+    edk2_pxe_off = [] if firmware.opensbi else [
+        "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+        "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
+    ]
     return [
         "-netdev", f"user,id=net0,{netdev_options}".rstrip(","),
         "-device", "virtio-net-pci,netdev=net0,romfile=",
-        "-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
-        "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n",
+        *edk2_pxe_off,
     ]  # fmt: skip
 
 
-def _pflash_args(firmware: Firmware, vars_copy: Path) -> list[str]:
-    fmt = firmware.format
-    return [
-        "-drive", f"if=pflash,unit=0,format={fmt},readonly=on,file={escape(firmware.code)}",
-        "-drive", f"if=pflash,unit=1,format={fmt},file={escape(vars_copy)}",
-    ]  # fmt: skip
-
-
-def escape(path: Path) -> str:
-    """A path as a QEMU option value (a comma is written twice)."""
-    return str(path).replace(",", ",,")
 
 
 def _spawn_qemu(cmd: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:

@@ -10,7 +10,7 @@ import pytest
 
 from imagebuild.config import Arch
 from imagebuild.errors import SmokeTestError
-from imagebuild.smoketest.firmware import find_firmware
+from imagebuild.smoketest.firmware import RISCV_EDK2_QEMU, find_firmware, qemu_version
 
 pytestmark = pytest.mark.unit
 
@@ -167,3 +167,45 @@ def test_host_firmware_is_found_through_the_real_descriptors() -> None:
     firmware = find_firmware(Arch.amd64, machine=Q35)
     assert firmware.code.name == "OVMF_CODE_4M.fd"
     assert firmware.vars_template.name == "OVMF_VARS_4M.fd"
+
+
+RV_VIRT = "virt"  # QEMU 7.2's riscv64 board has no versioned names
+
+
+def test_riscv64_takes_edk2_where_qemu_runs_it_and_u_boot_on_opensbi_otherwise(tmp_path: Path) -> None:
+    dirs = [tmp_path / "usr"]
+    edk2 = make_firmware(tmp_path, "RISCV_VIRT")
+    write_descriptor(dirs[0], "60-edk2-riscv64.json", *edk2, arch="riscv64", machines=("virt*",))
+    uboot, opensbi = tmp_path / "u-boot.bin", tmp_path / "fw_jump.bin"
+    uboot.write_bytes(b"u-boot")
+    opensbi.write_bytes(b"opensbi")
+    pair = [(str(uboot), str(opensbi))]
+
+    newer = find_firmware(Arch.riscv64, machine=RV_VIRT, search_dirs=dirs, known_paths=[], edk2=True,
+                          known_uboot=pair)
+    assert (newer.code, newer.name) == (edk2[0], "edk2")
+    assert newer.qemu_args(tmp_path / "vars.fd")[:2] == [
+        "-drive", f"if=pflash,unit=0,format=raw,readonly=on,file={edk2[0]}"]
+
+    # QEMU 7.2 (Debian 12): the same descriptor is passed over, and U-Boot boots the image.
+    older = find_firmware(Arch.riscv64, machine=RV_VIRT, search_dirs=dirs, known_paths=[], edk2=False,
+                          known_uboot=pair)
+    assert older.name == "U-Boot (UEFI) on OpenSBI"
+    assert older.qemu_args(older.copy_vars(tmp_path)) == ["-bios", str(opensbi), "-kernel", str(uboot)]
+    assert older.vars_copy_in(tmp_path) is None and not (tmp_path / "vars.raw").exists()
+
+
+def test_no_riscv64_firmware_names_u_boot_and_opensbi(tmp_path: Path) -> None:
+    with pytest.raises(SmokeTestError) as info:
+        find_firmware(Arch.riscv64, machine=RV_VIRT, search_dirs=[tmp_path], known_paths=[], edk2=False,
+                      known_uboot=[(str(tmp_path / "u-boot.bin"), str(tmp_path / "fw_jump.bin"))])
+    text = str(info.value)
+    assert "cannot run edk2" in text and "u-boot.bin" in text
+    assert "u-boot-qemu opensbi" in text
+
+
+def test_qemu_version_is_read_from_the_binary(tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-system-riscv64"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)'\n")
+    fake.chmod(0o755)
+    assert qemu_version(str(fake)) == (7, 2) < RISCV_EDK2_QEMU
