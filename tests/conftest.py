@@ -204,6 +204,15 @@ def qemu_processes() -> set[int]:
     return pids
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def private_dirs() -> set[Path]:
     """The per-run directories (VARS copy, sockets) QemuMachine creates."""
     return set(Path(tempfile.gettempdir()).glob("imagebuild-qemu-*"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import hostile
-from conftest import loop_devices, spawn_cli
+from conftest import loop_devices, process_alive, spawn_cli
 from hostile import Host, host, run_cli
 
 pytestmark = pytest.mark.integration
@@ -57,14 +57,6 @@ def mini_stage_zst(mini_stage_amd64: Path, tmp_path_factory: pytest.TempPathFact
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigkill_then_recovery(phase: str, tmp_path: Path, host: Host, mini_stage_amd64: Path,
                                mini_stage_zst: Path) -> None:
@@ -99,7 +91,7 @@ def test_sigkill_then_recovery(phase: str, tmp_path: Path, host: Host, mini_stag
     # its mount namespace.
     holder = int(marker.read_text())
     deadline = time.monotonic() + 30
-    while _alive(holder):
+    while process_alive(holder):
         assert time.monotonic() < deadline, f"the held {program} outlived the killed build"
         time.sleep(0.1)
     assert any(work.iterdir()), "the killed build should have left its workspace"

@@ -11,13 +11,7 @@ import pytest
 from imagebuild.errors import CommandError
 from imagebuild.run import run
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+from conftest import process_alive
 
 
 def test_a_stopped_command_takes_its_children_that_ignore_sigterm(tmp_path: Path) -> None:
@@ -31,9 +25,9 @@ def test_a_stopped_command_takes_its_children_that_ignore_sigterm(tmp_path: Path
     assert time.monotonic() - started < 10, "the command's own shell ends at once on SIGTERM"
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child), "the child that ignored SIGTERM was left running"
+    assert not process_alive(child), "the child that ignored SIGTERM was left running"
 
 
 def test_the_command_runs_in_its_own_process_group() -> None:
