@@ -22,7 +22,6 @@ from imagebuild.tree import Tree
 
 # The PATH programs run with inside the stage (Catalyst's chroot-functions.sh).
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_HOST_ARCH = {"x86_64": Arch.amd64, "aarch64": Arch.arm64, "riscv64": Arch.riscv64}
 
 
 # ELF e_machine values (offset 18, little-endian on both architectures).
@@ -46,7 +45,7 @@ def check_stage_arch(tree: Tree, arch: Arch) -> None:
 
 def check_can_execute(arch: Arch, binfmt_dir: Path = Path("/proc/sys/fs/binfmt_misc")) -> None:
     """Fail early, with the fix, when the tree's binaries cannot run on this host."""
-    if _HOST_ARCH.get(platform.machine()) == arch:
+    if Arch.host() is arch:
         return
     handler = binfmt_dir / f"qemu-{arch.uname}"
     if not handler.exists() or "enabled" not in handler.read_text():

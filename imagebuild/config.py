@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,45 +28,66 @@ class Arch(enum.StrEnum):
                 hint=f"use one of: {', '.join(a.value for a in cls)}",
             ) from None
 
+    @classmethod
+    def host(cls) -> Arch | None:
+        """The architecture of this machine (None: one imagebuild does not build for)."""
+        return next((arch for arch in cls if arch.uname == platform.machine()), None)
+
     @property
     def uname(self) -> str:
         """What ``uname -m`` prints on this architecture."""
-        return {Arch.amd64: "x86_64", Arch.arm64: "aarch64", Arch.riscv64: "riscv64"}[self]
+        return _ARCH_FACTS[self].uname
 
     @property
     def grub_target(self) -> str:
-        return {Arch.amd64: "x86_64-efi", Arch.arm64: "arm64-efi", Arch.riscv64: "riscv64-efi"}[self]
+        return _ARCH_FACTS[self].grub_target
 
     @property
     def efi_binary(self) -> str:
         """The removable-media path name UEFI firmware boots without NVRAM entries."""
-        return {Arch.amd64: "BOOTX64.EFI", Arch.arm64: "BOOTAA64.EFI", Arch.riscv64: "BOOTRISCV64.EFI"}[self]
+        return _ARCH_FACTS[self].efi_binary
 
     @property
     def serial_console(self) -> str:
-        # QEMU's riscv64 "virt" board has an NS16550 UART, as PCs do; arm64's has a PL011.
-        return {Arch.amd64: "ttyS0", Arch.arm64: "ttyAMA0", Arch.riscv64: "ttyS0"}[self]
+        return _ARCH_FACTS[self].serial_console
 
     @property
     def qemu_system(self) -> str:
-        return {Arch.amd64: "qemu-system-x86_64", Arch.arm64: "qemu-system-aarch64",
-                Arch.riscv64: "qemu-system-riscv64"}[self]
+        return f"qemu-system-{self.uname}"
 
     @property
     def debian(self) -> str:
-        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "riscv64"}[self]
+        return _ARCH_FACTS[self].debian
 
     @property
     def gentoo(self) -> str:
         """How Gentoo names the architecture in its files (``di-rv64_lp64d-console.qcow2``)."""
-        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "rv64_lp64d"}[self]
+        return _ARCH_FACTS[self].gentoo
 
     @property
     def gentoo_dir(self) -> str:
         """Gentoo's directory for the architecture on its mirrors (``releases/riscv/``)."""
-        return {Arch.amd64: "amd64", Arch.arm64: "arm64", Arch.riscv64: "riscv"}[self]
+        return _ARCH_FACTS[self].gentoo_dir
 
 
+@dataclasses.dataclass(frozen=True)
+class _ArchFacts:
+    uname: str
+    grub_target: str
+    efi_binary: str
+    serial_console: str
+    debian: str
+    gentoo: str
+    gentoo_dir: str
+
+
+# One row per architecture. QEMU's riscv64 "virt" board has an NS16550 UART, as PCs do
+# (ttyS0); arm64's has a PL011 (ttyAMA0).
+_ARCH_FACTS = {
+    Arch.amd64: _ArchFacts("x86_64", "x86_64-efi", "BOOTX64.EFI", "ttyS0", "amd64", "amd64", "amd64"),
+    Arch.arm64: _ArchFacts("aarch64", "arm64-efi", "BOOTAA64.EFI", "ttyAMA0", "arm64", "arm64", "arm64"),
+    Arch.riscv64: _ArchFacts("riscv64", "riscv64-efi", "BOOTRISCV64.EFI", "ttyS0", "riscv64", "rv64_lp64d", "riscv"),
+}
 # Gentoo's names for an architecture: its keyword/mirror directory and the subarch of releng's
 # specs (releases/specs-qemu/riscv/*.spec say "subarch: rv64_lp64d").
 _GENTOO_ALIASES = {"riscv": "riscv64", "rv64_lp64d": "riscv64"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -58,18 +57,22 @@ def _firmware(arch: Arch) -> tuple[bool, str]:
 
 
 def _binfmt(arch: Arch) -> tuple[bool, str]:
-    if platform.machine() == arch.uname:
+    """What a build checks before it runs a foreign stage's programs (chroot.check_can_execute)."""
+    from imagebuild.chroot import check_can_execute
+
+    if Arch.host() is arch:
         return True, f"native {arch} host"
-    handler = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch.uname}")
-    if handler.exists() and "enabled" in handler.read_text():
-        return True, f"qemu-{arch.uname} registered and enabled"
-    return False, f"no enabled qemu-{arch.uname} handler: {arch} stages cannot run commands in their chroot"
+    try:
+        check_can_execute(arch)
+    except ImagebuildError as exc:
+        return False, exc.message
+    return True, f"qemu-{arch.uname} registered and enabled"
 
 
 def _kvm() -> tuple[bool, str]:
     from imagebuild.smoketest.qemu import kvm_works
 
-    host = {a.uname: a for a in Arch}.get(platform.machine())
+    host = Arch.host()
     if host is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "no usable /dev/kvm: smoke tests run under TCG (slower)"
     try:

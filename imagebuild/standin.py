@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
@@ -235,8 +234,7 @@ def _ensure(layer: Layer, cache_dir: Path) -> Path:
 
 def is_foreign(arch: Arch) -> bool:
     """Whether stand-ins for ``arch`` are built through qemu-user on this host."""
-    host = {"x86_64": Arch.amd64, "aarch64": Arch.arm64, "riscv64": Arch.riscv64}.get(platform.machine())
-    return host != arch
+    return Arch.host() is not arch
 
 
 def _build(layer: Layer, parent: Path | None, path: Path) -> None:
