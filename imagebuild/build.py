@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from imagebuild import __version__, standin
+from imagebuild import __version__, emerge, standin
 from imagebuild.bootloader import grub_module_dir, install_grub, move_boot_to_esp
 from imagebuild.chroot import check_can_execute, check_stage_arch
 from imagebuild.config import BuildConfig, Companion, InitSystem, MiB, MirrorStage, StandinStage, TarballStage, Variant
@@ -47,6 +48,7 @@ from imagebuild.output import (
     write_json,
 )
 from imagebuild.run import BUILD_TOOLS, require_tools, run
+from imagebuild.stage1 import pack_seed
 from imagebuild.stage2 import apply_stage2_keys
 from imagebuild.stagefacts import Kernel, check_init_files, detect_init, find_kernel
 from imagebuild.tree import Tree
@@ -80,6 +82,10 @@ class Context:
     @property
     def raw(self) -> Path:
         return self.workspace / "disk.raw"
+
+    @property
+    def emerge_log(self) -> Path:
+        return self.workspace / "emerge.log"
 
 
 def check_prerequisites(config: BuildConfig) -> None:
@@ -270,6 +276,8 @@ def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers, contents: l
         "digests": Companion.digests.of(image),
         "manifest": Companion.manifest.of(image),
     }
+    if ctx.emerge_log.exists():
+        names["emerge_log"] = Companion.emerge_log.of(image)
     for final in names.values():
         ctx.outputs[final] = temporary_name(final)
         note_resource("outputs", ctx.outputs[final])  # a killed run's partials go with its workspace
@@ -277,6 +285,8 @@ def write_outputs(ctx: Context, stage: StageFacts, ids: Identifiers, contents: l
     with complete_step(f"Converting to qcow2 ({config.compression.value})"):
         convert_to_qcow2(ctx.raw, ctx.outputs[names["image"]], config.compression)
     with complete_step("Writing CONTENTS.gz, DIGESTS and the build manifest"):
+        if "emerge_log" in names:
+            shutil.copyfile(ctx.emerge_log, ctx.outputs[names["emerge_log"]])
         write_contents(contents, ctx.outputs[names["contents"]])
         digests = {
             image.name: file_digests(ctx.outputs[names["image"]]),
@@ -316,6 +326,74 @@ def _manifest(config: BuildConfig, stage: StageFacts, ids: Identifiers,
     }
 
 
+@dataclasses.dataclass
+class PortageSteps:
+    """The package and kernel steps of one build (imagebuild.emerge): their cache entry, and
+    whether a cached result stands in for the stage."""
+
+    config: BuildConfig
+    key: str | None
+    cached: Path | None
+
+    @classmethod
+    def plan(cls, config: BuildConfig, tarball: Path) -> PortageSteps:
+        keys = config.portage
+        if not keys.packages and not keys.kernels:
+            return cls(config, None, None)
+        with complete_step("Looking up the package and kernel steps' cache"):
+            key = emerge.steps_key(keys, config.arch, _stage_digest(tarball, config.cache_dir))
+            path = cls._path(config, key)
+        return cls(config, key, path if path.is_file() else None)
+
+    @staticmethod
+    def _path(config: BuildConfig, key: str) -> Path:
+        return config.cache_dir / "portage" / f"{config.arch.value}-{key}.tar.zst"
+
+    def copy_log(self, dest: Path) -> None:
+        assert self.cached is not None
+        log = self.cached.with_name(self.cached.name.removesuffix(".tar.zst") + ".emerge.log")
+        if log.is_file():
+            shutil.copyfile(log, dest)
+
+    def run(self, ctx: Context) -> None:
+        """The steps in the unpacked tree when it needs them; their result cached after."""
+        keys = self.config.portage
+        if not keys.packages and not keys.kernels:
+            # No spec key asks for anything: a stage without a kernel fails in inspect_stage.
+            return
+        needed, kernel = emerge.needs_steps(ctx.tree, keys)
+        if not needed:
+            assert kernel is not None
+            logger.info("  the stage has a kernel (%s): no kernel step; the spec names no packages", kernel.version)
+            return
+        emerge.run_steps(ctx.tree, keys, self.config.arch, ctx.workspace, ctx.emerge_log,
+                         install_kernel=kernel is None)
+        assert self.key is not None
+        path = self._path(self.config, self.key)
+        with complete_step(f"Caching the tree after the package and kernel steps ({path.name})"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pack_seed(ctx.root, path)
+            shutil.copyfile(ctx.emerge_log, path.with_name(path.name.removesuffix(".tar.zst") + ".emerge.log"))
+
+
+def _stage_digest(tarball: Path, cache_dir: Path) -> str:
+    """The stage's SHA-256, remembered by its path, size and time (hashing a stage takes seconds)."""
+    memo = cache_dir / "portage" / "stage-digests.json"
+    st = tarball.stat()
+    name = f"{tarball.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(memo.read_text())
+    if name not in known:
+        known[name] = emerge.stage_digest(tarball)
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            partial = temporary_name(memo)
+            partial.write_text(json.dumps(known, indent=1, sort_keys=True))
+            partial.rename(memo)
+    return known[name]
+
+
 def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None,
                 audit: Callable[[Path, Path], object] | None = None) -> Path:
     """Build ``config.image_path`` from its stage (or a ``shared`` unpacked one); return its path.
@@ -331,14 +409,25 @@ def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: Sh
         ctx = Context(config=config, workspace=workspace, stack=stack)
         ids = Identifiers.make(config.image_name)
         tarball = acquire_stage(config) if shared is None else shared.tarball
-        tree_bytes = unpacked_size(tarball) if shared is None else tree_size(shared.tree)
+        steps = PortageSteps.plan(config, tarball)
+        if steps.cached is not None:
+            tree_bytes = unpacked_size(steps.cached)
+        else:
+            tree_bytes = unpacked_size(tarball) if shared is None else tree_size(shared.tree)
         disk = make_disk(ctx, ids, tree_bytes)
         # The stage goes straight into the image's XFS root: written once, never copied.
         with root_filesystem(ctx.raw, disk.root, config.layout, ctx.root):
-            if shared is None:
+            if steps.cached is not None:
+                logger.info("  the package and kernel steps' result for these inputs is cached (%s): "
+                            "no emerge runs", steps.cached.name)
+                unpack(ctx, steps.cached, tree_bytes)
+                steps.copy_log(ctx.emerge_log)
+            elif shared is None:
                 unpack(ctx, tarball, tree_bytes)
             else:
                 copy_shared(ctx, shared)
+            if steps.cached is None:
+                steps.run(ctx)
             stage = inspect_stage(ctx, tarball)
             configure(ctx, stage.init)
             install_bootloader(ctx, stage.kernel, ids)

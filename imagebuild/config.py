@@ -69,6 +69,12 @@ class Arch(enum.StrEnum):
         """Gentoo's directory for the architecture on its mirrors (``releases/riscv/``)."""
         return _ARCH_FACTS[self].gentoo_dir
 
+    @property
+    def kernel_image(self) -> str:
+        """Where a distribution kernel's image is below /usr/src/linux-VERSION (Catalyst's
+        kmerge.sh, distkmerge_get_image_path): what dracut is given as --kernel-image."""
+        return _ARCH_FACTS[self].kernel_image
+
 
 @dataclasses.dataclass(frozen=True)
 class _ArchFacts:
@@ -79,14 +85,18 @@ class _ArchFacts:
     debian: str
     gentoo: str
     gentoo_dir: str
+    kernel_image: str
 
 
 # One row per architecture. QEMU's riscv64 "virt" board has an NS16550 UART, as PCs do
 # (ttyS0); arm64's has a PL011 (ttyAMA0).
 _ARCH_FACTS = {
-    Arch.amd64: _ArchFacts("x86_64", "x86_64-efi", "BOOTX64.EFI", "ttyS0", "amd64", "amd64", "amd64"),
-    Arch.arm64: _ArchFacts("aarch64", "arm64-efi", "BOOTAA64.EFI", "ttyAMA0", "arm64", "arm64", "arm64"),
-    Arch.riscv64: _ArchFacts("riscv64", "riscv64-efi", "BOOTRISCV64.EFI", "ttyS0", "riscv64", "rv64_lp64d", "riscv"),
+    Arch.amd64: _ArchFacts("x86_64", "x86_64-efi", "BOOTX64.EFI", "ttyS0", "amd64", "amd64", "amd64",
+                           "arch/x86/boot/bzImage"),
+    Arch.arm64: _ArchFacts("aarch64", "arm64-efi", "BOOTAA64.EFI", "ttyAMA0", "arm64", "arm64", "arm64",
+                           "arch/arm64/boot/Image.gz"),
+    Arch.riscv64: _ArchFacts("riscv64", "riscv64-efi", "BOOTRISCV64.EFI", "ttyS0", "riscv64", "rv64_lp64d", "riscv",
+                             "arch/riscv/boot/Image.gz"),
 }
 # Gentoo's names for an architecture: its keyword/mirror directory and the subarch of releng's
 # specs (releases/specs-qemu/riscv/*.spec say "subarch: rv64_lp64d").
@@ -139,6 +149,7 @@ class Companion(enum.StrEnum):
     qemu_log = ".qemu.log"
     screenshot = ".screen.png"
     build_log = ".build.log"
+    emerge_log = ".emerge.log"
 
     def of(self, image: Path, directory: Path | None = None) -> Path:
         """This companion of ``image``, beside it or in ``directory``."""
@@ -292,6 +303,38 @@ class Stage2Keys:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelKeys:
+    """One ``boot/kernel`` entry of a spec: Catalyst's distkernel (diskimage-stage2's kernel step)."""
+
+    name: str
+    package: str  # the atom to emerge: boot/kernel/NAME/sources, else the distribution kernel
+    dracut_args: tuple[str, ...] = ()
+    config: Path | None = None  # a kernel config fragment on this host (boot/kernel/NAME/config)
+
+
+@dataclasses.dataclass(frozen=True)
+class PortageKeys:
+    """What the package and kernel steps need: Catalyst's diskimage-stage1 keys (packages, USE,
+    profile, portage_confdir), the spec's kernels, and where emerge gets its ebuilds and binary
+    packages (imagebuild.emerge runs them)."""
+
+    packages: tuple[str, ...] = ()
+    use: tuple[str, ...] = ()
+    profile: str | None = None
+    confdir: Path | None = None
+    kernels: tuple[KernelKeys, ...] = ()
+    repo: Path | None = None  # --repo: an ebuild repository, bind-mounted read-only
+    binhost: str | None = None  # --binhost: instead of the stage's binrepos.conf
+    binhost_keyring: Path | None = None  # the key(s) that sign that binhost
+    where: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def emerges(self) -> bool:
+        """Whether the spec asks for packages (a stage without a kernel also needs the kernels)."""
+        return bool(self.packages)
+
+
+@dataclasses.dataclass(frozen=True)
 class StandinStage:
     """The offline Debian-based stand-in stage of ``init`` (imagebuild.standin)."""
 
@@ -348,6 +391,8 @@ class BuildConfig:
     spec_path: Path | None = None
     # Catalyst's diskimage-stage2 keys (fsscript, rcadd/rcdel, unmerge, rm, empty), checked.
     stage2: Stage2Keys = Stage2Keys()
+    # The package and kernel steps' inputs (diskimage-stage1's keys, boot/kernel, repository, binhost).
+    portage: PortageKeys = PortageKeys()
     # The init the spec or the command line expects of the stage (None: whatever it runs).
     init: InitSystem | None = None
     init_source: str = ""  # what said so, for the message when the stage disagrees

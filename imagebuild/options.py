@@ -108,6 +108,16 @@ OPTIONS: tuple[Option, ...] = (
            normalize=lambda text: normalize_fingerprint(text) or text.strip(),
            help="primary key fingerprint whose signatures on the mirror's files count, instead of "
            "Gentoo's release key (repeatable)"),
+    Option("repo", "imagebuild/repo", "--repo", "repo", None, anything, metavar="DIR", path=True,
+           help="the ebuild repository the package and kernel steps emerge from, bind-mounted read-only at "
+           "/var/db/repos/gentoo (default: the stage's own, else Gentoo's snapshot from the mirror)"),
+    Option("binhost", "imagebuild/binhost", "--binhost", "binhost", None, url, metavar="URL",
+           help="binary package host to emerge from instead of the one in the stage's binrepos.conf "
+           "(packages it lacks are built from source)"),
+    Option("binhost_keyring", "imagebuild/binhost_keyring", "--binhost-keyring", "binhost_keyring", None, anything,
+           metavar="FILE", path=True,
+           help="OpenPGP key(s) that sign the binary packages (default: the stage's /etc/portage/gnupg); "
+           "unsigned or otherwise signed packages are refused"),
     Option("size", "diskimage/qcow2_size", "--size", None, "20GiB", size, metavar="SIZE",
            help="image size, e.g. 20GiB"),
     Option("esp_size", "diskimage/qcow2_efisize", "--esp-size", None, "512MiB", size, metavar="SIZE",

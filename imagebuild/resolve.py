@@ -29,6 +29,7 @@ from imagebuild.config import (
     Variant,
     parse_size,
 )
+from imagebuild.emerge import read_portage_keys
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
@@ -190,6 +191,8 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         boot_timeout=float(values["boot_timeout"]),
         spec_path=spec_path,
         stage2=read_stage2_keys(spec),
+        portage=read_portage_keys(spec, repo=values.text("repo"), binhost=values.text("binhost"),
+                                  keyring=values.text("binhost_keyring")),
         work_dir=Path(values["work_dir"]).resolve(),
         cache_dir=Path(values["cache_dir"]).resolve(),
         init=init,

@@ -116,16 +116,17 @@ def write_use(tree: Tree, flags: list[str]) -> None:
     tree.write_text(make_conf, text)
 
 
-def prepare_portage(tree: Tree, spec: Spec, confdir: Path | None) -> None:
-    """make.profile from ``profile`` and ``portage_confdir`` merged into /etc/portage."""
+def prepare_portage(tree: Tree, profile: str | None, confdir: Path | None, *, where: str = "profile") -> None:
+    """make.profile from ``profile`` (``where``: the spec line, for a message) and
+    ``portage_confdir`` merged into /etc/portage."""
     tree.mkdir("/etc/portage")
-    if profile := spec.get("profile"):
+    if profile:
         # config_profile_link: "[repo:]path", linked relative to /etc/portage.
         repo, sep, path = profile.partition(":")
         if not sep:
             repo, path = REPO_NAME, profile
         if ".." in PurePosixPath(path).parts or path.startswith("/") or not re.fullmatch(r"[\w.+-]+", repo):
-            raise SpecError(f"{spec.where('profile')}: profile '{profile}' is not a path below profiles/",
+            raise SpecError(f"{where}: profile '{profile}' is not a path below profiles/",
                             hint="write it as Catalyst does, e.g. default/linux/amd64/23.0/systemd")
         tree.remove("/etc/portage/make.profile")
         tree.symlink(f"../../var/db/repos/{repo}/profiles/{path}", "/etc/portage/make.profile")
@@ -280,7 +281,7 @@ def build_seed(spec: Spec, stage_tarball: Path, output: Path, *, arch: Arch, wor
         require_emerge(tree, f"diskimage-stage1 ({spec.path})")
         _check_repository(tree, repo)
         with complete_step("Configuring Portage (make.profile, portage_confdir, USE)"):
-            prepare_portage(tree, spec, confdir)
+            prepare_portage(tree, spec.get("profile"), confdir, where=spec.where("profile"))
             write_use(tree, [*BUILD_ONLY_USE, *use])
         with complete_step(f"Emerging {len(packages)} packages ({arch.value})"):
             with build_mounts(tree, workspace, repo, pkgcache), host_resolv_conf(tree):

@@ -36,28 +36,37 @@ def _version_key(version: str) -> list[object]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
 
 
-def find_kernel(tree: Tree) -> Kernel:
-    """The newest kernel in the stage's /boot and its initramfs (Gentoo's or Debian's names)."""
+def kernel_in(tree: Tree) -> Kernel | None:
+    """The newest kernel in the stage's /boot and its initramfs (Gentoo's or Debian's names);
+    None when /boot has no kernel."""
     kernels = []
     for name in tree.listdir("/boot") if tree.is_dir("/boot") else []:
         match = re.fullmatch(r"(?:vmlinuz|vmlinux|kernel|Image)-(.+)", name)
         if match and tree.is_file(f"/boot/{name}") and not name.endswith((".old", ".sig")):
             kernels.append((match.group(1), name))
     if not kernels:
-        raise StageError(
-            "the stage has no kernel in /boot (no vmlinuz-*, kernel-* or Image-*)",
-            hint="use a diskimage seed with a kernel (Catalyst's boot/kernel, or emerge "
-            "sys-kernel/gentoo-kernel-bin with USE=initramfs)",
-        )
+        return None
     version, image = max(kernels, key=lambda k: _version_key(k[0]))
     initrd = None
     for name in (f"initramfs-{version}.img", f"initrd.img-{version}", f"initrd-{version}.img", f"initrd-{version}"):
         if tree.is_file(f"/boot/{name}"):
             initrd = name
             break
-    if initrd is None:
-        logger.warning("no initramfs found for kernel %s: the kernel must mount XFS by itself", version)
     return Kernel(image=image, initrd=initrd, version=version)
+
+
+def find_kernel(tree: Tree) -> Kernel:
+    """The kernel an image boots (kernel_in), or StageError."""
+    kernel = kernel_in(tree)
+    if kernel is None:
+        raise StageError(
+            "the stage has no kernel in /boot (no vmlinuz-*, kernel-* or Image-*)",
+            hint="use a diskimage seed with a kernel, or name one in the spec (boot/kernel with "
+            "distkernel: yes) for the build to install",
+        )
+    if kernel.initrd is None:
+        logger.warning("no initramfs found for kernel %s: the kernel must mount XFS by itself", kernel.version)
+    return kernel
 
 
 def check_init_files(tree: Tree, init: InitSystem, variant: Variant) -> None:
