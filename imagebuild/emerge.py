@@ -348,8 +348,8 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
     if install_kernel and not any(tree.lexists(p) for p in ("/usr/bin/emerge", "/bin/emerge")):
         raise StageError(
             f"the stage has no kernel in /boot, and no emerge to install the one the spec names "
-            f"({keys.where.get('boot/kernel', 'boot/kernel')})",
-            hint="use a Gentoo stage3 (the build installs its kernel with emerge) or a stage or seed with a kernel",
+            f"({keys.where.get('boot/kernel', 'boot/kernel')}: {', '.join(k.package for k in keys.kernels)})",
+            hint="use a Gentoo stage3, where the build emerges that kernel, or a stage or seed with a kernel",
         )
     require_emerge(tree, "installing the spec's diskimage/packages")
     repo = repository(tree, keys)
