@@ -35,7 +35,7 @@ from imagebuild.disk import (
 from imagebuild.errors import CommandError, ConfigError, ImageError, StageError
 from imagebuild.hygiene import clean_tree
 from imagebuild.log import STEP_TIMINGS, complete_step, logger
-from imagebuild.mirror import fetch_stage
+from imagebuild.mirror import fetch_stage, snapshot_id, snapshot_signature
 from imagebuild.mounts import note_resource
 from imagebuild.output import (
     contents_lines,
@@ -329,7 +329,11 @@ def _manifest(config: BuildConfig, stage: StageFacts, ids: Identifiers,
 @dataclasses.dataclass
 class PortageSteps:
     """The package and kernel steps of one build (imagebuild.emerge): their cache entry, and
-    whether a cached result stands in for the stage."""
+    whether a cached result stands in for the stage.
+
+    A result is cached as ``<cache>/portage/<arch>-<key>-<repository>.tar.zst``: ``key`` hashes
+    every input but the repository, whose identity is --repo's digest, ``stage`` (the stage
+    carries it, and the stage's digest is in the key) or the mirror snapshot's id."""
 
     config: BuildConfig
     key: str | None
@@ -340,14 +344,29 @@ class PortageSteps:
         keys = config.portage
         if not keys.packages and not keys.kernels:
             return cls(config, None, None)
-        with complete_step("Looking up the package and kernel steps' cache"):
-            key = emerge.steps_key(keys, config.arch, _stage_digest(tarball, config.cache_dir))
-            path = cls._path(config, key)
-        return cls(config, key, path if path.is_file() else None)
+        key = emerge.steps_key(keys, config.arch, _stage_digest(tarball, config.cache_dir))
+        return cls(config, key, cls._lookup(config, key))
+
+    @classmethod
+    def _lookup(cls, config: BuildConfig, key: str) -> Path | None:
+        keys = config.portage
+        if keys.repo is not None:
+            idents = [f"repo-{emerge.repo_digest(keys.repo)[:16]}"]
+        else:
+            idents = ["stage"]
+            if keys.snapshot is not None and list(cls._path(config, key, "snapshot-*").parent.glob(
+                    cls._path(config, key, "snapshot-*").name)):
+                # A result made from the mirror's snapshot counts only while it is the latest one.
+                try:
+                    idents.append("snapshot-" + snapshot_id(snapshot_signature(keys.snapshot.url)))
+                except StageError as exc:
+                    logger.warning("cannot tell whether the mirror's snapshot changed (%s): emerging again",
+                                   exc.message)
+        return next((p for i in idents if (p := cls._path(config, key, i)).is_file()), None)
 
     @staticmethod
-    def _path(config: BuildConfig, key: str) -> Path:
-        return config.cache_dir / "portage" / f"{config.arch.value}-{key}.tar.zst"
+    def _path(config: BuildConfig, key: str, ident: str) -> Path:
+        return config.cache_dir / "portage" / f"{config.arch.value}-{key}-{ident}.tar.zst"
 
     def copy_log(self, dest: Path) -> None:
         assert self.cached is not None
@@ -366,10 +385,10 @@ class PortageSteps:
             assert kernel is not None
             logger.info("  the stage has a kernel (%s): no kernel step; the spec names no packages", kernel.version)
             return
-        emerge.run_steps(ctx.tree, keys, self.config.arch, ctx.workspace, ctx.emerge_log,
-                         install_kernel=kernel is None)
+        ident = emerge.run_steps(ctx.tree, keys, self.config.arch, ctx.workspace, ctx.emerge_log,
+                                 install_kernel=kernel is None, cache_dir=self.config.cache_dir)
         assert self.key is not None
-        path = self._path(self.config, self.key)
+        path = self._path(self.config, self.key, ident)
         with complete_step(f"Caching the tree after the package and kernel steps ({path.name})"):
             path.parent.mkdir(parents=True, exist_ok=True)
             pack_seed(ctx.root, path)

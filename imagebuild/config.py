@@ -313,6 +313,16 @@ class KernelKeys:
 
 
 @dataclasses.dataclass(frozen=True)
+class SnapshotSource:
+    """Where the ebuild repository comes from when neither --repo nor the stage has one: the
+    mirror's snapshot, checked with the keyring and trusted keys of the stage3."""
+
+    url: str
+    keyring: Path | None
+    trusted_keys: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class PortageKeys:
     """What the package and kernel steps need: Catalyst's diskimage-stage1 keys (packages, USE,
     profile, portage_confdir), the spec's kernels, and where emerge gets its ebuilds and binary
@@ -326,6 +336,7 @@ class PortageKeys:
     repo: Path | None = None  # --repo: an ebuild repository, bind-mounted read-only
     binhost: str | None = None  # --binhost: instead of the stage's binrepos.conf
     binhost_keyring: Path | None = None  # the key(s) that sign that binhost
+    snapshot: SnapshotSource | None = None
     where: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import http.client
 import json
@@ -36,9 +37,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from imagebuild.chroot import CHROOT_PATH, chroot_run
-from imagebuild.config import Arch, KernelKeys, PortageKeys
+from imagebuild.config import Arch, KernelKeys, PortageKeys, SnapshotSource
 from imagebuild.errors import CommandError, ConfigError, SpecError, StageError
 from imagebuild.log import complete_step, logger
+from imagebuild.mirror import fetch_snapshot
 from imagebuild.run import run
 from imagebuild.spec import Spec
 from imagebuild.stage1 import BUILD_ONLY_USE, REPO_NAME, build_mounts, host_resolv_conf, prepare_portage, write_use
@@ -62,7 +64,8 @@ _SIGNATURE_WORDS = re.compile(r"signature|gpg|BADSIG|untrusted|Invalid binary pa
 
 # --- The keys, read and checked when the build is resolved ------------------------------------
 
-def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyring: str | None) -> PortageKeys:
+def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyring: str | None,
+                      snapshot: SnapshotSource | None = None) -> PortageKeys:
     """The spec's package and kernel keys and the repository/binhost settings, checked; every
     problem of the spec is one SpecError before any work starts."""
     problems: list[str] = []
@@ -97,7 +100,7 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
     return PortageKeys(
         packages=tuple(packages), use=tuple(spec.get_list("diskimage/use")), profile=spec.get("profile"),
         confdir=confdir, kernels=tuple(kernels), repo=repo_path, binhost=binhost.rstrip("/") if binhost else None,
-        binhost_keyring=keyring_path,
+        binhost_keyring=keyring_path, snapshot=snapshot,
         where={k: spec.where(k) for k in ("diskimage/packages", "boot/kernel", "profile") if spec.get(k)},
     )
 
@@ -122,7 +125,8 @@ def _spec_file(spec: Spec, key: str) -> Path | None:
 # --- The cache key -------------------------------------------------------------------------------
 
 def steps_key(keys: PortageKeys, arch: Arch, stage_digest: str) -> str:
-    """Everything that decides the tree the steps leave, hashed: the same inputs, the same tree."""
+    """Everything that decides the tree the steps leave but the repository, hashed (the
+    repository's identity, repository_id(), is known only once the stage is unpacked)."""
     recipe = {
         "version": STEPS_VERSION,
         "arch": arch.value,
@@ -134,7 +138,6 @@ def steps_key(keys: PortageKeys, arch: Arch, stage_digest: str) -> str:
         "kernels": [{"name": k.name, "package": k.package, "dracut_args": list(k.dracut_args),
                      "config": _file_digest(k.config) if k.config and k.config.is_file() else str(k.config)}
                     for k in keys.kernels],
-        "repo": _repo_digest(keys.repo) if keys.repo else None,
         "binhost": keys.binhost,
         "binhost_keyring": _file_digest(keys.binhost_keyring) if keys.binhost_keyring else None,
     }
@@ -161,7 +164,8 @@ def _tree_digest(top: Path) -> str:
     return digest.hexdigest()
 
 
-def _repo_digest(top: Path) -> str:
+@functools.cache
+def repo_digest(top: Path) -> str:
     """A repository by its files' names, sizes and times (reading every ebuild of Gentoo's tree
     would take longer than the check saves); metadata/timestamp.chk dates a snapshot."""
     digest = hashlib.sha256()
@@ -229,18 +233,27 @@ def check_binhost(url: str, source: str) -> None:
     )
 
 
-def repository(tree: Tree, keys: PortageKeys) -> Path | None:
-    """The repository to bind-mount (--repo), or None when the stage carries one."""
+def repository(tree: Tree, keys: PortageKeys, cache_dir: Path) -> tuple[Path | None, str]:
+    """The repository to bind-mount (None: the stage's own) and its identity for the cache key:
+    --repo, else the stage's /var/db/repos/gentoo, else the mirror's verified snapshot."""
     if keys.repo is not None:
-        return keys.repo
+        logger.info("  ebuild repository: %s (--repo)", keys.repo)
+        return keys.repo, f"repo-{repo_digest(keys.repo)[:16]}"
     if tree.is_file(f"/var/db/repos/{REPO_NAME}/profiles/repo_name"):
-        return None
-    raise ConfigError(
-        "the package and kernel steps need the gentoo ebuild repository, and the stage has none "
-        f"(no /var/db/repos/{REPO_NAME})",
-        hint="give a checkout or unpacked snapshot of it with --repo DIR (a binhost given with --binhost "
-        "supplies the binary packages)",
-    )
+        logger.info("  ebuild repository: the stage's own /var/db/repos/%s", REPO_NAME)
+        return None, "stage"
+    missing = f"the stage has no ebuild repository (no /var/db/repos/{REPO_NAME}) and --repo was not given"
+    hint = "give a checkout or unpacked snapshot of the gentoo repository with --repo DIR"
+    if keys.snapshot is None:
+        raise ConfigError(missing, hint=hint)
+    logger.info("  ebuild repository: the snapshot from %s (%s)", keys.snapshot.url, missing)
+    try:
+        path, ident = fetch_snapshot(keys.snapshot.url, cache_dir, keyring=keys.snapshot.keyring,
+                                     trusted_keys=keys.snapshot.trusted_keys, progress=False)
+    except StageError as exc:
+        raise ConfigError(f"{missing}, and the mirror's snapshot cannot be had: {exc.message}",
+                          hint=f"{hint} ({exc.hint})" if exc.hint else hint) from None
+    return path, f"snapshot-{ident}"
 
 
 # --- The steps ------------------------------------------------------------------------------------
@@ -343,8 +356,9 @@ def _import_keyring(keyring: Path, home: Path) -> None:
 
 
 def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: Path, *,
-              install_kernel: bool) -> None:
-    """The package step, then (``install_kernel``) the kernel step, in the unpacked ``tree``."""
+              install_kernel: bool, cache_dir: Path) -> str:
+    """The package step, then (``install_kernel``) the kernel step, in the unpacked ``tree``.
+    Returns the identity of the repository they used (repository())."""
     if install_kernel and not any(tree.lexists(p) for p in ("/usr/bin/emerge", "/bin/emerge")):
         raise StageError(
             f"the stage has no kernel in /boot, and no emerge to install the one the spec names "
@@ -352,7 +366,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
             hint="use a Gentoo stage3, where the build emerges that kernel, or a stage or seed with a kernel",
         )
     require_emerge(tree, "installing the spec's diskimage/packages")
-    repo = repository(tree, keys)
+    repo, repo_ident = repository(tree, keys, cache_dir)
     stage_binhosts = binhost_urls(tree)
     if keys.binhost:
         check_binhost(keys.binhost, "--binhost")
@@ -363,8 +377,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
         logger.warning("no binhost (the stage has no binrepos.conf and --binhost was not given): "
                        "every package is built from source")
     getbinpkg = bool(keys.binhost or stage_binhosts)
-    logger.info("  ebuild repository: %s; binary packages: %s", keys.repo or f"the stage's /var/db/repos/{REPO_NAME}",
-                keys.binhost or ", ".join(u for u, _ in stage_binhosts) or "none (from source)")
+    logger.info("  binary packages: %s", keys.binhost or ", ".join(u for u, _ in stage_binhosts) or "none (from source)")
     with complete_step("Configuring Portage (profile, portage_confdir, USE)"):
         prepare_portage(tree, keys.profile, keys.confdir, where=keys.where.get("profile", "profile"))
         write_use(tree, [*BUILD_ONLY_USE, *keys.use])
@@ -386,6 +399,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
         for scratch in ("/var/tmp/portage", "/var/cache/distfiles", "/var/cache/binpkgs"):
             if tree.is_dir(scratch) and not tree.is_symlink(scratch):
                 tree.empty(scratch)
+    return repo_ident
 
 
 def _install_kernel(tree: Tree, kernel: KernelKeys, arch: Arch, emerge: Emerge) -> None:

@@ -31,6 +31,11 @@ from imagebuild.run import find_tool, run
 # the Handbook's "Verifying the downloaded files"; shipped on Gentoo by
 # sec-keys/openpgp-keys-gentoo-release as /usr/share/openpgp-keys/gentoo-release.asc.
 GENTOO_RELEASE_KEY_FINGERPRINT = "13EBBDBEDE7A12775DFDB1BABB572E0E2D182910"
+# "Gentoo ebuild repository signing key (Automated Signing Key) <infrastructure@gentoo.org>",
+# also "Gentoo Portage Snapshot Signing Key (Automated Signing Key)", long key id
+# DB6B8C1F96D8BF6D: it signs the ebuild repository snapshots (snapshots/*.tar.xz.gpgsig, what
+# emerge-webrsync checks), and is in the same gentoo-release.asc.
+GENTOO_SNAPSHOT_KEY_FINGERPRINT = "DCD05B71EAB94199527F44ACDB6B8C1F96D8BF6D"
 
 # A v4 fingerprint is 40 hex digits, a v5/v6 one 64; short and long key IDs (8, 16) can be
 # forged by anyone who makes enough keys, so they are refused as trust anchors.
@@ -114,36 +119,51 @@ def verify_clearsigned(signed: bytes, keyring: Path, *, what: str,
     keyring, a key whose primary fingerprint is not in ``trusted``, an expired or revoked key
     and an unsigned file each raise their own StageError.
     """
+    with tempfile.TemporaryDirectory(prefix="imagebuild-gpg-") as home:
+        signed_path = Path(home) / "signed"
+        signed_path.write_bytes(signed)
+        plain_path = Path(home) / "plain"
+        verified = _verify(Path(home), ["--output", plain_path, "--verify", signed_path], keyring,
+                           what=what, trusted=trusted)
+        return dataclasses.replace(verified, text=plain_path.read_bytes().decode("utf-8", errors="replace"))
+
+
+def verify_detached(data: Path, signature: bytes, keyring: Path, *, what: str,
+                    trusted: Iterable[str]) -> Verified:
+    """Verify ``data`` against its detached ``signature`` (Gentoo's snapshots/*.gpgsig) by the
+    same rules as verify_clearsigned; the returned text is empty."""
+    with tempfile.TemporaryDirectory(prefix="imagebuild-gpg-") as home:
+        signature_path = Path(home) / "signature"
+        signature_path.write_bytes(signature)
+        return _verify(Path(home), ["--verify", signature_path, data], keyring, what=what, trusted=trusted)
+
+
+def _verify(home_dir: Path, args: list[str | Path], keyring: Path, *, what: str,
+            trusted: Iterable[str]) -> Verified:
     gpg = find_tool("gpg")
     trusted_keys = frozenset(trusted)
-    with tempfile.TemporaryDirectory(prefix="imagebuild-gpg-") as home:
-        home_dir = Path(home)
-        # A copy in the throwaway home: gpg takes locks beside its keyrings, and the user's
-        # keyring may live in a read-only place such as /etc.
-        ring = home_dir / "keyring.gpg"
-        _load_keyring(gpg, keyring, ring, home_dir)
-        signed_path = home_dir / "signed"
-        signed_path.write_bytes(signed)
-        plain_path = home_dir / "plain"
-        result = run(
-            [gpg, "--homedir", home_dir, "--batch", "--no-tty", "--no-default-keyring",
-             "--keyring", ring, "--trust-model", "always", "--no-auto-key-retrieve",
-             "--status-fd", "1", "--output", plain_path, "--verify", signed_path],
-            env={"GNUPGHOME": str(home_dir)},
-            check=False,
-        )
-        status = _status_lines(result.stdout)
-        keys = _KeyLookup(gpg, home_dir, ring)
-        verdict = _judge(status, result.returncode, what=what, keyring=keyring, trusted=trusted_keys,
-                         describe=keys.describe)
-        if verdict is not None:
-            raise verdict
-        validsig = status["VALIDSIG"][0]
-        text = plain_path.read_bytes().decode("utf-8", errors="replace")
+    # A copy in the throwaway home: gpg takes locks beside its keyrings, and the user's
+    # keyring may live in a read-only place such as /etc.
+    ring = home_dir / "keyring.gpg"
+    _load_keyring(gpg, keyring, ring, home_dir)
+    result = run(
+        [gpg, "--homedir", home_dir, "--batch", "--no-tty", "--no-default-keyring",
+         "--keyring", ring, "--trust-model", "always", "--no-auto-key-retrieve",
+         "--status-fd", "1", *args],
+        env={"GNUPGHOME": str(home_dir)},
+        check=False,
+    )
+    status = _status_lines(result.stdout)
+    keys = _KeyLookup(gpg, home_dir, ring)
+    verdict = _judge(status, result.returncode, what=what, keyring=keyring, trusted=trusted_keys,
+                     describe=keys.describe)
+    if verdict is not None:
+        raise verdict
+    validsig = status["VALIDSIG"][0]
     signing_key, primary_key = validsig[0], _primary_of(validsig)
     uid = " ".join(status["GOODSIG"][0][1:])
     logger.debug("  good signature on %s by key %s (primary %s, %s)", what, signing_key, primary_key, uid)
-    return Verified(text=text, signing_key=signing_key, primary_key=primary_key, uid=uid)
+    return Verified(text="", signing_key=signing_key, primary_key=primary_key, uid=uid)
 
 
 def _primary_of(validsig: list[str]) -> str:

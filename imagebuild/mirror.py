@@ -34,6 +34,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import stat
 import time
 import urllib.error
@@ -47,15 +48,17 @@ from imagebuild.config import Arch, strip_stage_suffix
 from imagebuild.errors import StageError
 from imagebuild.gpg import (
     GENTOO_RELEASE_KEY_FINGERPRINT,
+    GENTOO_SNAPSHOT_KEY_FINGERPRINT,
     Verified,
     find_keyring,
     fingerprint_problem,
     normalize_fingerprint,
     verify_clearsigned,
+    verify_detached,
 )
 from imagebuild.log import Progress, complete_step, logger, mib
 from imagebuild.pointers import cache_lock, check_freshness, parse_pointer
-from imagebuild.run import find_tool
+from imagebuild.run import find_tool, run
 
 # Seconds a connection may stay silent before the transfer counts as stalled. A whole
 # stage3 takes minutes, but a healthy mirror never goes a minute without sending a byte.
@@ -188,6 +191,86 @@ def fetch_stage(base_url: str, arch: Arch, flavour: str, cache_dir: Path, *,
                           "signed_by": verified.primary_key, "pointer_ts": pointer.ts,
                           "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 return _store(partial, stages, record)
+
+
+SNAPSHOT = "gentoo-latest.tar.xz"
+
+
+def snapshot_signature(base_url: str) -> bytes:
+    """The detached signature of the mirror's latest repository snapshot (small; it names the snapshot)."""
+    url = f"{base_url.rstrip('/')}/snapshots/{SNAPSHOT}.gpgsig"
+    return _get_small(url, hint="check the mirror URL, or give the ebuild repository with --repo DIR")
+
+
+def snapshot_id(signature: bytes) -> str:
+    return hashlib.sha256(signature).hexdigest()[:16]
+
+
+def fetch_snapshot(base_url: str, cache_dir: Path, *, keyring: Path | None = None,
+                   trusted_keys: Iterable[str] = (GENTOO_SNAPSHOT_KEY_FINGERPRINT,),
+                   progress: bool = True) -> tuple[Path, str]:
+    """The gentoo ebuild repository from the mirror's ``snapshots/gentoo-latest.tar.xz``, its
+    detached signature (``.gpgsig``, what emerge-webrsync checks) verified with the keyring and
+    trust rules of the stage3 (the trusted key is Gentoo's snapshot key unless the user names
+    others), unpacked and cached as ``<cache>/snapshots/gentoo-<id>/``. Returns the directory
+    and the snapshot's id (from its signature: a new snapshot has a new one)."""
+    keyring_path = find_keyring(keyring)
+    find_tool("gpg")
+    url = f"{base_url.rstrip('/')}/snapshots/{SNAPSHOT}"
+    with complete_step(f"Fetching the gentoo repository snapshot from {base_url}"):
+        signature = snapshot_signature(base_url)
+        ident = snapshot_id(signature)
+        snapshots, downloads = cache_dir / "snapshots", cache_dir / "downloads"
+        tree = snapshots / f"gentoo-{ident}"
+        with _cache_errors(cache_dir):
+            downloads.mkdir(parents=True, exist_ok=True)
+            with cache_lock(downloads / "snapshot.lock", "fetching the repository snapshot"):
+                if (tree / "profiles" / "repo_name").is_file():
+                    logger.info("  cache hit: %s (the snapshot the mirror's signature names)", tree)
+                    return tree, ident
+                partial = downloads / f"gentoo-{ident}.tar.xz.partial"
+                _download(url, partial, _content_length(url), progress=progress)
+                try:
+                    verified = verify_detached(partial, signature, keyring_path, what=url,
+                                               trusted=trusted_fingerprints(trusted_keys))
+                except StageError:
+                    partial.unlink()
+                    raise
+                logger.info("  %s signed by %s", SNAPSHOT, _signer(verified))
+                unpacking = snapshots / f".gentoo-{ident}.partial"
+                shutil.rmtree(unpacking, ignore_errors=True)
+                unpacking.mkdir(parents=True)
+                try:
+                    # Its one top directory (gentoo-YYYYMMDD/) goes, as emerge-webrsync strips it.
+                    run(["tar", "--strip-components=1", "--no-same-owner", "-C", unpacking, "-xJf", partial])
+                    if not (unpacking / "profiles" / "repo_name").is_file():
+                        raise StageError(f"{url} holds no ebuild repository (no profiles/repo_name)",
+                                         hint="check the mirror URL, or give the repository with --repo DIR")
+                    unpacking.rename(tree)
+                finally:
+                    shutil.rmtree(unpacking, ignore_errors=True)
+                    partial.unlink(missing_ok=True)
+                for old in snapshots.glob("gentoo-*"):
+                    if old != tree:
+                        shutil.rmtree(old, ignore_errors=True)
+                logger.info("  unpacked to %s", tree)
+                return tree, ident
+
+
+def _content_length(url: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),  # noqa: S310 - the mirror setting
+                                    timeout=HTTP_TIMEOUT) as response:
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise _network_error(url, exc, _SYNC_HINT) from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _network_error(url, exc) from exc
+    if length is None or not length.isdigit():
+        raise StageError(f"{url}: the server does not say how large it is (no Content-Length)",
+                         hint="use another mirror, or give the repository with --repo DIR")
+    return int(length)
 
 
 def _signer(verified: Verified) -> str:

@@ -23,6 +23,7 @@ from imagebuild.config import (
     ImageLayout,
     InitSystem,
     MirrorStage,
+    SnapshotSource,
     StageSource,
     StandinStage,
     TarballStage,
@@ -31,7 +32,7 @@ from imagebuild.config import (
 )
 from imagebuild.emerge import read_portage_keys
 from imagebuild.errors import ConfigError, ImagebuildError
-from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, normalize_fingerprint
+from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, GENTOO_SNAPSHOT_KEY_FINGERPRINT, normalize_fingerprint
 from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
 from imagebuild.spec import Spec, load_spec
@@ -192,12 +193,23 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         spec_path=spec_path,
         stage2=read_stage2_keys(spec),
         portage=read_portage_keys(spec, repo=values.text("repo"), binhost=values.text("binhost"),
-                                  keyring=values.text("binhost_keyring")),
+                                  keyring=values.text("binhost_keyring"), snapshot=_snapshot(values)),
         work_dir=Path(values["work_dir"]).resolve(),
         cache_dir=Path(values["cache_dir"]).resolve(),
         init=init,
         init_source=init_source,
     )
+
+
+def _snapshot(values: _Values) -> SnapshotSource:
+    """The mirror's repository snapshot, trusted as the stage3 is: the same keyring, and the
+    user's trusted keys or else Gentoo's snapshot key."""
+    keyring = values.text("keyring")
+    trusted = values.text("trusted_keys")
+    return SnapshotSource(
+        url=values["mirror"], keyring=Path(keyring).expanduser().resolve() if keyring else None,
+        trusted_keys=tuple(dict.fromkeys(normalize_fingerprint(w) or w for w in trusted.split()))
+        if trusted else (GENTOO_SNAPSHOT_KEY_FINGERPRINT,))
 
 
 def _flavour(spec: Spec, arch: Arch) -> str:

@@ -234,6 +234,20 @@ class LoopbackMirror:
                       ts: int | None = EPOCH) -> None:
         self.write_signed(self.pointer, self.pointer_text(entry, ts), key)
 
+    def publish_snapshot(self, repo: Path, *, key: SigningKey | None = None, date: str = "20261124") -> str:
+        """``repo`` as Gentoo's snapshots/gentoo-latest.tar.xz (one top directory, gentoo-DATE/)
+        with its armoured detached signature .gpgsig; returns the tarball's path in the mirror."""
+        relative = "snapshots/gentoo-latest.tar.xz"
+        tarball = self.path(relative)
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball, "w:xz", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(repo, arcname=f"gentoo-{date}")
+        signer = key or self.key
+        signature = signer._gpg("--local-user", f"{signer.subkey}!" if signer.subkey else signer.fingerprint,
+                                "--armor", "--detach-sign", "--output", "-", str(tarball))
+        self.path(f"{relative}.gpgsig").write_bytes(signature)
+        return relative
+
     def tamper(self, relative: str, old: bytes, new: bytes) -> None:
         """Change bytes of a served file in place, without re-signing or re-digesting it."""
         data = self.path(relative).read_bytes()
@@ -276,6 +290,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: pytest shows failures
         pass
+
+    def do_HEAD(self) -> None:
+        relative = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        self.mirror.requests.append(RecordedRequest(relative, None))
+        self.close_connection = True
+        file = (self.mirror.root / relative).resolve()
+        if relative in self.mirror.missing or not file.is_relative_to(self.mirror.root.resolve()) or not file.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(file.stat().st_size))
+        self.send_header("Connection", "close")
+        self.end_headers()
 
     def do_GET(self) -> None:
         mirror = self.mirror
