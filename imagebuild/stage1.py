@@ -227,8 +227,9 @@ def clean_seed(tree: Tree, use: list[str]) -> None:
 
 
 def pack_seed(root: Path, output: Path) -> None:
-    """Tar the tree (numeric owners, xattrs such as file capabilities) to ``output``, atomically."""
-    live = mounts_below(root)
+    """Tar the tree (numeric owners, xattrs such as file capabilities) to ``output``, atomically.
+    ``root`` itself may be a mount point (a build's XFS root); nothing below it may be."""
+    live = [m for m in mounts_below(root) if m != Path(os.path.realpath(root))]
     if live:
         raise WorkspaceError(f"refusing to pack {root}: still mounted below it: {', '.join(map(str, live))}")
     partial = temporary_name(output)

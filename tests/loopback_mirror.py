@@ -76,6 +76,11 @@ class SigningKey:
         signer = f"{self.subkey}!" if self.subkey else self.fingerprint
         return self._gpg("--local-user", signer, "--clearsign", input=text.encode())
 
+    def detach_sign(self, data: bytes) -> bytes:
+        """An armoured detached signature of ``data`` (as Portage signs a gpkg's archives)."""
+        signer = f"{self.subkey}!" if self.subkey else self.fingerprint
+        return self._gpg("--local-user", signer, "--digest-algo", "SHA512", "--armor", "--detach-sign", input=data)
+
     def export(self, path: Path, *, armor: bool = False) -> Path:
         path.write_bytes(self._gpg("--export", *(["--armor"] if armor else []), self.fingerprint))
         return path
