@@ -31,6 +31,7 @@ import http.client
 import json
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -302,11 +303,11 @@ def _emerge_error(what: str, status: int, log: Path) -> StageError:
 
 
 @contextlib.contextmanager
-def binhost_settings(tree: Tree, keys: PortageKeys, gpg_home: Path) -> Iterator[dict[str, str]]:
+def binhost_settings(tree: Tree, keys: PortageKeys) -> Iterator[dict[str, str]]:
     """The build's own binhost and keyring while emerge runs; the stage's put back after.
 
     Yields the environment emerge gets: FEATURES=binpkg-request-signature and, with a keyring,
-    BINPKG_GPG_VERIFY_GPG_HOME. ``gpg_home``: where host gpg may keep its agent's sockets."""
+    BINPKG_GPG_VERIFY_GPG_HOME."""
     env = {"FEATURES": f"{EMERGE_ENV['FEATURES']} binpkg-request-signature"}
     with contextlib.ExitStack() as stack:
         if keys.binhost:
@@ -320,39 +321,39 @@ def binhost_settings(tree: Tree, keys: PortageKeys, gpg_home: Path) -> Iterator[
         if keys.binhost_keyring:
             tree.remove(_VERIFY_HOME)
             stack.callback(tree.remove, _VERIFY_HOME)
-            home = tree.real_directory(_VERIFY_HOME)
-            _import_keyring(keys.binhost_keyring, home)
+            tree.mkdir(_VERIFY_HOME, 0o755)
+            _import_keyring(keys.binhost_keyring, tree, _VERIFY_HOME)
             env["BINPKG_GPG_VERIFY_GPG_HOME"] = _VERIFY_HOME
         yield env
 
 
-def _import_keyring(keyring: Path, home: Path) -> None:
-    """``keyring``'s keys into the GnuPG home ``home``, fully trusted, readable by anyone."""
-    gpg: list[str | Path] = ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-autostart"]
-    try:
-        run([*gpg, "--import", keyring])
-        listing = run([*gpg, "--with-colons", "--list-keys"]).stdout.decode()
-        primaries, last = [], ""
-        for line in listing.splitlines():
-            fields = line.split(":")
-            if fields[0] == "fpr" and last == "pub":
-                primaries.append(fields[9])
-            last = fields[0] if fields[0] != "fpr" else last
-        if not primaries:
-            raise ConfigError(f"--binhost-keyring {keyring} holds no OpenPGP public key",
-                              hint="export the binhost's signing key with 'gpg --export --armor FPR'")
-        # Portage refuses good signatures "of undefined trust" unless the trust database says so.
-        run([*gpg, "--import-ownertrust"], input="".join(f"{f}:6:\n" for f in primaries).encode())
-        run([*gpg, "--check-trustdb"])
-    except CommandError as exc:
-        raise ConfigError(f"--binhost-keyring {keyring} cannot be read as OpenPGP keys: {exc.message}",
-                          hint="give the binhost's public key, armoured or binary") from None
-    for directory, dirs, files in os.walk(home):
-        for name in dirs:
-            os.chmod(os.path.join(directory, name), 0o755)
-        for name in files:
-            os.chmod(os.path.join(directory, name), 0o644)
-    os.chmod(home, 0o755)
+def _import_keyring(keyring: Path, tree: Tree, home: str) -> None:
+    """``keyring``'s keys, fully trusted, into the tree's GnuPG home ``home``, readable by anyone.
+
+    gpg keeps its agent's socket in the home and a socket path has at most 107 bytes, so the
+    keyring is made in a short scratch home and its two files are copied into the tree."""
+    with tempfile.TemporaryDirectory(prefix="imagebuild-gnupg-") as scratch:
+        gpg: list[str | Path] = ["gpg", "--homedir", scratch, "--batch", "--no-tty", "--no-autostart"]
+        try:
+            run([*gpg, "--import", keyring])
+            listing = run([*gpg, "--with-colons", "--list-keys"]).stdout.decode()
+            primaries, last = [], ""
+            for line in listing.splitlines():
+                fields = line.split(":")
+                if fields[0] == "fpr" and last == "pub":
+                    primaries.append(fields[9])
+                last = fields[0] if fields[0] != "fpr" else last
+            if not primaries:
+                raise ConfigError(f"--binhost-keyring {keyring} holds no OpenPGP public key",
+                                  hint="export the binhost's signing key with 'gpg --export --armor FPR'")
+            # Portage refuses good signatures "of undefined trust" unless the trust database says so.
+            run([*gpg, "--import-ownertrust"], input="".join(f"{f}:6:\n" for f in primaries).encode())
+            run([*gpg, "--check-trustdb"])
+        except CommandError as exc:
+            raise ConfigError(f"--binhost-keyring {keyring} cannot be read as OpenPGP keys: {exc.message}",
+                              hint="give the binhost's public key, armoured or binary") from None
+        for name in ("pubring.kbx", "trustdb.gpg"):
+            tree.copy_in(Path(scratch, name), f"{home}/{name}", mode=0o644)
 
 
 def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: Path, *,
@@ -384,7 +385,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
     with contextlib.ExitStack() as stack:
         stack.enter_context(build_mounts(tree, workspace, repo, None))
         stack.enter_context(host_resolv_conf(tree))
-        env = stack.enter_context(binhost_settings(tree, keys, workspace))
+        env = stack.enter_context(binhost_settings(tree, keys))
         emerge = Emerge(tree, log, env, getbinpkg, os.cpu_count() or 1)
         if tree.lexists("/usr/sbin/env-update") or tree.lexists("/usr/bin/env-update"):
             chroot_run(tree, ["env-update"])  # Catalyst's update_env_settings

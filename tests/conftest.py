@@ -234,6 +234,63 @@ def _standin(arch: Arch, init: str = "systemd") -> Path:
     return ensure_standin(arch, CACHE_DIR, InitSystem(init))
 
 
+# What the binhost holds (the kernels twice: as configured and USE=-initramfs): what the builds
+# of test_portage_build and test_release emerge. Each package takes seconds to build for amd64
+# and ~25 s for arm64 under qemu-user; the rest of the test repository is not needed.
+BINHOST_PACKAGES = ("sys-kernel/gentoo-kernel-bin", "sys-kernel/dracut", "sys-kernel/installkernel",
+                    "sys-boot/grub", "app-emulation/cloud-init", "app-admin/sudo", "app-editors/nano")
+
+
+class GentooBinhost:
+    """The Portage stand-in stage3s (tests/gentoo_standin.py), the test ebuild repository and one
+    signed binhost served on 127.0.0.1 for them all. Each architecture's stage3 and packages are
+    made when a test first asks for them (arm64's take minutes)."""
+
+    def __init__(self, top: Path, url: str) -> None:
+        import gentoo_standin
+
+        self.top, self.url = top, url
+        self.pkgdir, self.repo, self.home = top / "binpkgs", top / "repo", top / "signing"
+        self.fingerprint, self.public_key = gentoo_standin.make_signing_key(self.home)
+        self._standins: dict[Arch, object] = {}
+        self._lock = threading.Lock()
+
+    def stage3(self, arch: Arch) -> Path:
+        """The stand-in stage3 of ``arch``; its packages are on the binhost from now on."""
+        import gentoo_standin
+
+        with self._lock:
+            if arch not in self._standins:
+                if is_foreign(arch):
+                    _standin(arch)  # the prebuilt foreign stand-in it is made from
+                standin = gentoo_standin.make_stage3(arch, InitSystem.systemd, CACHE_DIR)
+                self._standins[arch] = standin
+                gentoo_standin.write_repository(self.repo, list(self._standins.values()))  # type: ignore[arg-type]
+                gentoo_standin.build_binhost(standin, self.repo, self.pkgdir, self.home, self.fingerprint,
+                                             packages=list(BINHOST_PACKAGES))
+            return self._standins[arch].stage3  # type: ignore[attr-defined,no-any-return]
+
+    def standin(self, arch: Arch) -> object:
+        """The GentooStandin of ``arch`` (after stage3(arch))."""
+        return self._standins[arch]
+
+
+@pytest.fixture(scope="session")
+def gentoo_binhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GentooBinhost]:
+    require_root()
+    require_tools("gpg", "mmdebstrap")
+    import gentoo_standin
+
+    top = tmp_path_factory.mktemp("gentoo")
+    (top / "binpkgs").mkdir()
+    with gentoo_standin.serve(top / "binpkgs") as url:
+        binhost = GentooBinhost(top, url)
+        try:
+            yield binhost
+        finally:
+            gentoo_standin.stop_gpg_agent(binhost.home)
+
+
 @pytest.fixture(scope="session")
 def standin_amd64() -> Path:
     """The amd64 stand-in stage tarball (built once, then cached by recipe hash)."""

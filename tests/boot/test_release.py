@@ -1,5 +1,6 @@
-"""The weekly release job end to end: real builds from the stand-in stages, real QEMU boots,
-a real Gentoo-style tree, its summary page rendered by headless Chromium.
+"""The weekly release job end to end: real builds (the systemd images from the Portage stand-in
+stage3s with real emerge, the OpenRC ones from the stand-in stages), real QEMU boots, a real
+Gentoo-style tree, its summary page rendered by headless Chromium.
 
 CI time is the budget: one full release (8 images: Gentoo's four on systemd and the same four
 on OpenRC, the only boot test of the OpenRC cloud-init images and of arm64 on OpenRC; zstd to
@@ -31,7 +32,17 @@ import pytest
 
 from imagebuild.config import Arch, ImageKind
 
-from conftest import CACHE_DIR, _standin, cli_command, cli_env, qemu_processes, require_root, require_tools, spawn_cli
+from conftest import (
+    CACHE_DIR,
+    GentooBinhost,
+    _standin,
+    cli_command,
+    cli_env,
+    qemu_processes,
+    require_root,
+    require_tools,
+    spawn_cli,
+)
 from test_images import EXPECTED_CHECKS
 
 pytestmark = [pytest.mark.boot, pytest.mark.standin("arm64"), pytest.mark.standin("arm64", "openrc")]
@@ -50,8 +61,11 @@ def image_name(arch: str, variant: str, stamp: str) -> str:
 
 
 def write_config(path: Path, out: Path, *, arches: list[str], variants: list[str],
-                 stages: dict[str, str]) -> Path:
-    stage_lines = "\n".join(f'{arch} = "{stage}"' for arch, stage in stages.items())
+                 stages: dict[str, str], specs: dict[str, Path] | None = None,
+                 settings: dict[str, str] | None = None) -> Path:
+    stage_lines = "\n".join(f'"{arch}" = "{stage}"' for arch, stage in stages.items())
+    spec_lines = "".join(f'"{image}" = "{spec}"\n' for image, spec in (specs or {}).items())
+    setting_lines = "".join(f'{key} = "{value}"\n' for key, value in (settings or {}).items())
     path.write_text(textwrap.dedent(f"""\
         output = "{out}"
         architectures = {arches!r}
@@ -59,9 +73,24 @@ def write_config(path: Path, out: Path, *, arches: list[str], variants: list[str
         compression = "zstd"
         work_dir = "{path.parent / 'work'}"
         cache_dir = "{CACHE_DIR}"
-        [stages]
-    """).replace("'", '"') + stage_lines + "\n")
+    """).replace("'", '"') + setting_lines + "[stages]\n" + stage_lines + "\n"
+                    + (f"[specs]\n{spec_lines}" if spec_lines else ""))
     return path
+
+
+# What the release's systemd images emerge from the test binhost into the Portage stand-in
+# stage3: one list for both variants (cloud-init is installed on the console image as on the
+# stand-in, and not enabled there), so the second image of an arch reuses the first one's
+# package and kernel steps from the cache, as a release's images of one stage should.
+PACKAGES = dict.fromkeys(("console", "cloud-init"), "sys-boot/grub app-admin/sudo app-emulation/cloud-init")
+
+
+def portage_spec(directory: Path, arch: str, variant: str) -> Path:
+    """The shipped spec with a diskimage-stage1 package list: the build emerges it, then the kernel."""
+    spec = directory / f"{arch}-{variant}.spec"
+    spec.write_text((REPO / "specs" / arch / f"{variant}.spec").read_text()
+                    + f"\ndiskimage/packages: {PACKAGES[variant]}\n")
+    return spec
 
 
 def release(*args: str | Path, log: Path, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
@@ -116,19 +145,26 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """One release of all eight images from the stand-in stages."""
+def first(tmp_path_factory: pytest.TempPathFactory, gentoo_binhost: GentooBinhost) -> Iterator[Run]:
+    """One release of all eight images: Gentoo's four on systemd from the Portage stand-in
+    stage3s (real emerge of packages and kernel from the signed loopback binhost), the four on
+    OpenRC from the stand-in stages."""
     require_root()
     require_tools("qemu-img", "qemu-system-x86_64", "qemu-system-aarch64", "mkfs.xfs", "mkfs.vfat", "mcopy",
                   "sfdisk")
-    for arch in Arch:
-        for init in ("systemd", "openrc"):
-            _standin(arch, init)  # built once and cached; the release reuses it
+    for arch in (Arch.amd64, Arch.arm64):
+        _standin(arch, "openrc")  # built once and cached; the release reuses it
     base = tmp_path_factory.mktemp("release")
     out = base / "out"
-    config = write_config(base / "release.toml", out, arches=["amd64", "arm64"],
-                          variants=["console", "cloud-init", "console-openrc", "cloud-init-openrc"],
-                          stages={"amd64": "standin", "arm64": "standin"})
+    arches = ["amd64", "arm64"]
+    config = write_config(
+        base / "release.toml", out, arches=arches,
+        variants=["console", "cloud-init", "console-openrc", "cloud-init-openrc"],
+        stages={**{f"{a}/systemd": str(gentoo_binhost.stage3(Arch(a))) for a in arches},
+                **{f"{a}/openrc": "standin" for a in arches}},
+        specs={f"{a}/{v}": portage_spec(base, a, v) for a in arches for v in PACKAGES},
+        settings={"repo": str(gentoo_binhost.repo), "binhost": gentoo_binhost.url,
+                  "binhost_keyring": str(gentoo_binhost.public_key)})
     started = time.monotonic()
     proc = release(config, "--stamp", FIRST, log=base / "first.log")
     seconds = time.monotonic() - started
@@ -160,6 +196,16 @@ def test_release_publishes_every_image(first: Run) -> None:
         for suffix in (".CONTENTS.gz", ".manifest.json", ".smoke.json", ".smoke.xml", ".console.log",
                        ".inspect.json", ".build.log"):
             assert image.with_name(name + suffix).is_file(), suffix
+        emerge_log = image.with_name(name + ".emerge.log")
+        if variant.endswith("-openrc"):
+            assert not emerge_log.exists(), "the OpenRC stand-in has its kernel: nothing is emerged"
+        else:
+            # Real emerge put the kernel and the packages into the stage3, from the binhost.
+            log = emerge_log.read_text()
+            assert "Emerging binary" in log and "sys-kernel/gentoo-kernel-bin" in log and ">>> dracut" in log, name
+            if variant == "cloudinit":  # built second: the console image's steps, from the cache
+                build_log = image.with_name(name + ".build.log").read_text()
+                assert "no emerge runs" in build_log and "  emerge --" not in build_log, name
         smoke = json.loads(image.with_name(name + ".smoke.json").read_text())
         assert smoke["passed"] and smoke["console_log"] == name + ".console.log"
         assert "<failure" not in image.with_name(name + ".smoke.xml").read_text()
