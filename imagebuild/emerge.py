@@ -137,15 +137,16 @@ def steps_key(keys: PortageKeys, arch: Arch, stage_digest: str) -> str:
         "profile": keys.profile,
         "confdir": _tree_digest(keys.confdir) if keys.confdir else None,
         "kernels": [{"name": k.name, "package": k.package, "dracut_args": list(k.dracut_args),
-                     "config": _file_digest(k.config) if k.config and k.config.is_file() else str(k.config)}
+                     "config": file_digest(k.config) if k.config and k.config.is_file() else str(k.config)}
                     for k in keys.kernels],
         "binhost": keys.binhost,
-        "binhost_keyring": _file_digest(keys.binhost_keyring) if keys.binhost_keyring else None,
+        "binhost_keyring": file_digest(keys.binhost_keyring) if keys.binhost_keyring else None,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -160,7 +161,7 @@ def _tree_digest(top: Path) -> str:
         for name in sorted(files):
             path = Path(directory, name)
             digest.update(str(path.relative_to(top)).encode() + b"\0")
-            digest.update(os.readlink(path).encode() if path.is_symlink() else _file_digest(path).encode())
+            digest.update(os.readlink(path).encode() if path.is_symlink() else file_digest(path).encode())
         dirs.sort()
     return digest.hexdigest()
 
@@ -179,7 +180,7 @@ def repo_digest(top: Path) -> str:
 
 
 def stage_digest(tarball: Path) -> str:
-    return _file_digest(tarball)
+    return file_digest(tarball)
 
 
 # --- Before the steps: what they need ------------------------------------------------------------

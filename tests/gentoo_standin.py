@@ -56,6 +56,7 @@ import jinja2
 from imagebuild import standin
 from imagebuild.chroot import CHROOT_PATH, chroot_mounts
 from imagebuild.config import Arch, InitSystem
+from imagebuild.emerge import file_digest
 from imagebuild.errors import CommandError, StageError
 from imagebuild.log import complete_step, logger
 from imagebuild.mounts import mounted, remove_tree
@@ -215,7 +216,7 @@ def portage_wheel(cache_dir: Path) -> Path:
             subprocess.run(["python3", "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                             f"portage=={PORTAGE_VERSION}", "--dest", scratch], check=True, timeout=600)
             Path(scratch, wheel.name).rename(wheel)
-    if _sha256(wheel) != PORTAGE_WHEEL_SHA256:
+    if file_digest(wheel) != PORTAGE_WHEEL_SHA256:
         wheel.unlink()
         raise StageError(f"the Portage wheel from PyPI is not the one this module was written for ({wheel.name})",
                          hint="check PORTAGE_WHEEL_SHA256 in tests/gentoo_standin.py")
@@ -671,11 +672,3 @@ def _write_index(pkgdir: Path, header: dict[str, str], entries: list[dict[str, s
     (pkgdir / "Packages").write_text(text)
     if (pkgdir / "Packages.gz").exists():
         (pkgdir / "Packages.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -3,10 +3,6 @@ work starts, and hashed into the cache key (imagebuild.emerge)."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,8 @@ from imagebuild import emerge
 from imagebuild.config import Arch, KernelKeys
 from imagebuild.errors import ConfigError, SpecError, StageError
 from imagebuild.tree import Tree
+
+from gentoo_standin import serve
 
 
 def test_kernel_package_follows_the_config_fragment(tmp_path: Path) -> None:
@@ -104,23 +102,10 @@ def test_the_stage_binhosts_are_read_from_a_file_or_a_directory(tmp_path: Path) 
                                                 "/etc/portage/binrepos.conf/gentoobinhost.conf")]
 
 
-@contextlib.contextmanager
-def _server(directory: Path) -> Iterator[str]:
-    handler = lambda *a, **k: SimpleHTTPRequestHandler(*a, directory=str(directory), **k)  # noqa: E731
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_binhost_must_answer_before_anything_is_emerged(tmp_path: Path) -> None:
     (tmp_path / "good").mkdir()
     (tmp_path / "good/Packages").write_text("PACKAGES: 0\n")
-    with _server(tmp_path) as url:
+    with serve(tmp_path) as url:
         emerge.check_binhost(f"{url}/good", "--binhost")
         with pytest.raises(ConfigError) as caught:
             emerge.check_binhost(f"{url}/empty/", "--binhost")
