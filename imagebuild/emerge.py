@@ -74,9 +74,9 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
     for atom in packages:
         if atom.startswith("-"):
             problems.append(f"{spec.where('diskimage/packages')}: '{atom}' is an option, not a package atom")
+    # portage_confdir is checked when the steps run: a seed with a kernel and no packages never
+    # reads it (releng's stage2 specs name theirs with @REPO_DIR@).
     confdir = _spec_dir(spec, "portage_confdir")
-    if confdir is not None and not confdir.is_dir():
-        problems.append(f"{spec.where('portage_confdir')}: portage_confdir {confdir} is not a directory")
     kernels = []
     for name in spec.get_list("boot/kernel"):
         key = f"boot/kernel/{name}"
@@ -102,7 +102,8 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
         packages=tuple(packages), use=tuple(spec.get_list("diskimage/use")), profile=spec.get("profile"),
         confdir=confdir, kernels=tuple(kernels), repo=repo_path, binhost=binhost.rstrip("/") if binhost else None,
         binhost_keyring=keyring_path, snapshot=snapshot,
-        where={k: spec.where(k) for k in ("diskimage/packages", "boot/kernel", "profile") if spec.get(k)},
+        where={k: spec.where(k) for k in ("diskimage/packages", "boot/kernel", "profile", "portage_confdir")
+               if spec.get(k)},
     )
 
 
@@ -135,7 +136,7 @@ def steps_key(keys: PortageKeys, arch: Arch, stage_digest: str) -> str:
         "packages": list(keys.packages),
         "use": sorted(keys.use),
         "profile": keys.profile,
-        "confdir": _tree_digest(keys.confdir) if keys.confdir else None,
+        "confdir": _tree_digest(keys.confdir) if keys.confdir and keys.confdir.is_dir() else str(keys.confdir),
         "kernels": [{"name": k.name, "package": k.package, "dracut_args": list(k.dracut_args),
                      "config": file_digest(k.config) if k.config and k.config.is_file() else str(k.config)}
                     for k in keys.kernels],
@@ -368,6 +369,10 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
             hint="use a Gentoo stage3, where the build emerges that kernel, or a stage or seed with a kernel",
         )
     require_emerge(tree, "installing the spec's diskimage/packages")
+    if keys.confdir is not None and not keys.confdir.is_dir():
+        raise SpecError(f"{keys.where.get('portage_confdir', 'portage_confdir')}: portage_confdir {keys.confdir} "
+                        "is not a directory", hint="point it at a directory of Portage configuration "
+                        "(releng: releases/portage/diskimage), or give releng's @REPO_DIR@ with --set")
     repo, repo_ident = repository(tree, keys, cache_dir)
     stage_binhosts = binhost_urls(tree)
     if keys.binhost:

@@ -177,6 +177,7 @@ def make_stage3(arch: Arch, init: InitSystem, cache_dir: Path) -> GentooStandin:
         "wrappers": _TEMPLATES.get_template("portage-wrapper.j2").render(version=PORTAGE_VERSION, name="NAME"),
         "openrc_cloud_init": standin._tree_digest(_OPENRC_SCRIPTS),
         "notice": NOTICE_LINE,
+        "sysv_install": _SYSV_INSTALL_SHIM,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     top = cache_dir / "test-stages"
@@ -234,6 +235,11 @@ def _portage_config(arch: Arch, init: InitSystem) -> dict[str, str]:
     }
 
 
+_SYSV_INSTALL = "/usr/lib/systemd/systemd-sysv-install"
+_SYSV_INSTALL_SHIM = ("#!/bin/sh\n# imagebuild Portage stand-in stage3: Gentoo's systemd has no SysV compatibility,\n"
+                      "# so there is nothing to synchronize with /etc/init.d (tests/gentoo_standin.py).\nexit 0\n")
+
+
 def _build_stage3(parent: Path, out: Path, arch: Arch, init: InitSystem, wheel: Path,
                   config: dict[str, str]) -> None:
     """Unpack the stand-in into ``out``/root, make it a stage3, pack it; payloads to ``out``/distfiles."""
@@ -254,6 +260,12 @@ def _build_stage3(parent: Path, out: Path, arch: Arch, init: InitSystem, wheel: 
         tree.mkdir(directory)
     tree.mkdir("/var/lib/portage/home")
     os.chown(tree.host_path("/var/lib/portage/home"), 250, 250)
+    if init == InitSystem.systemd and tree.lexists(_SYSV_INSTALL):
+        # Gentoo builds systemd without SysV compatibility; Debian's systemctl hands a unit that
+        # also has an /etc/init.d script (Gentoo's cloud-init installs OpenRC scripts on every
+        # init) to update-rc.d, which refuses an openrc-run script. As on Gentoo: nothing to sync.
+        tree.unlink(_SYSV_INSTALL)
+        tree.write_text(_SYSV_INSTALL, _SYSV_INSTALL_SHIM, mode=0o755)
     tree.append_text("/etc/imagebuild-standin", NOTICE_LINE.format(version=PORTAGE_VERSION))
     stage3 = f"stage3-{arch.value}-{init.value}-portage-standin.tar"
     run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C", root,
