@@ -44,7 +44,15 @@ from imagebuild.log import complete_step, logger
 from imagebuild.mirror import fetch_snapshot
 from imagebuild.run import run
 from imagebuild.spec import Spec
-from imagebuild.stage1 import BUILD_ONLY_USE, REPO_NAME, build_mounts, host_resolv_conf, prepare_portage, write_use
+from imagebuild.stage1 import (
+    BUILD_ONLY_USE,
+    REPO_NAME,
+    build_mounts,
+    host_resolv_conf,
+    prepare_portage,
+    spec_path,
+    write_use,
+)
 from imagebuild.stage2 import EMERGE_ENV, require_emerge
 from imagebuild.stagefacts import Kernel, kernel_in
 from imagebuild.tree import Tree, walk_host
@@ -76,7 +84,7 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
             problems.append(f"{spec.where('diskimage/packages')}: '{atom}' is an option, not a package atom")
     # portage_confdir is checked when the steps run: a seed with a kernel and no packages never
     # reads it (releng's stage2 specs name theirs with @REPO_DIR@).
-    confdir = _spec_dir(spec, "portage_confdir")
+    confdir = spec_path(spec, "portage_confdir")
     kernels = []
     for name in spec.get_list("boot/kernel"):
         key = f"boot/kernel/{name}"
@@ -84,7 +92,7 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
             problems.append(f"{spec.where('boot/kernel')}: kernel '{name}' is not a distkernel; imagebuild "
                             f"installs distribution kernels only ({key}/distkernel: yes), not genkernel builds")
             continue
-        config = _spec_file(spec, f"{key}/config")
+        config = spec_path(spec, f"{key}/config")
         sources = spec.get(f"{key}/sources")
         kernels.append(KernelKeys(name=name, package=sources or kernel_package(config), config=config,
                                   dracut_args=tuple(spec.get_list(f"{key}/dracut_args"))))
@@ -110,18 +118,6 @@ def read_portage_keys(spec: Spec, *, repo: str | None, binhost: str | None, keyr
 def kernel_package(config: Path | None) -> str:
     """Gentoo's prebuilt distribution kernel, unless a config fragment asks for a build from source."""
     return "sys-kernel/gentoo-kernel" if config else "sys-kernel/gentoo-kernel-bin"
-
-
-def _spec_dir(spec: Spec, key: str) -> Path | None:
-    value = spec.get(key)
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (spec.path.parent / path).resolve()
-
-
-def _spec_file(spec: Spec, key: str) -> Path | None:
-    return _spec_dir(spec, key)
 
 
 # --- The cache key -------------------------------------------------------------------------------

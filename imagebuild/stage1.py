@@ -89,7 +89,7 @@ def emerge_arguments(packages: list[str], *, jobs: int, pkgcache: bool, getbinpk
     return [*opts, "--update", "--deep", "--newuse", *packages]
 
 
-def _spec_path(spec: Spec, key: str) -> Path | None:
+def spec_path(spec: Spec, key: str) -> Path | None:
     """A host directory named by ``key``; a relative one starts at the spec's directory."""
     value = spec.get(key)
     if value is None:
@@ -263,11 +263,11 @@ def build_seed(spec: Spec, stage_tarball: Path, output: Path, *, arch: Arch, wor
         raise ConfigError(f"{output} already exists", hint="remove it or choose another output name")
     if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
         raise ConfigError(f"cannot write the seed into {output.parent}", hint="choose a writable directory")
-    confdir = _spec_path(spec, "portage_confdir")
+    confdir = spec_path(spec, "portage_confdir")
     if confdir is not None and not confdir.is_dir():
         raise SpecError(f"{spec.where('portage_confdir')}: portage_confdir {confdir} does not exist",
                         hint="point it at a directory of Portage configuration (releng: releases/portage/diskimage)")
-    pkgcache = _spec_path(spec, "pkgcache_path")
+    pkgcache = spec_path(spec, "pkgcache_path")
     use = spec.get_list("diskimage/use")
     jobs = jobs or os.cpu_count() or 1
     args = emerge_arguments(packages, jobs=jobs, getbinpkg=getbinpkg,
