@@ -278,14 +278,19 @@ class Emerge:
         with self.log.open("ab") as out:
             out.write(f"\n>>> {' '.join(argv)}\n".encode())
             out.flush()
+            start = out.tell()
             result = run(["chroot", self.tree.root, *argv], env=full_env, stdout=out.fileno(), check=False)
             out.write(result.stderr)
         if result.returncode != 0:
-            raise _emerge_error(what, result.returncode, self.log)
+            raise _emerge_error(what, result.returncode, self.log, start)
 
 
-def _emerge_error(what: str, status: int, log: Path) -> StageError:
-    lines = log.read_text(errors="replace").splitlines()
+def _emerge_error(what: str, status: int, log: Path, start: int = 0) -> StageError:
+    """What went wrong, in Portage's own lines from this command's output (from byte ``start``
+    of ``log``); the log itself goes with the failed build's workspace."""
+    with log.open("rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
     complaints = [line.strip() for line in lines if line.lstrip().startswith(("!!!", "*", "emerge:"))]
     signature = [line for line in complaints if _SIGNATURE_WORDS.search(line)]
     shown = "\n".join(f"    {line}" for line in (signature or complaints or lines)[-12:])
@@ -293,11 +298,10 @@ def _emerge_error(what: str, status: int, log: Path) -> StageError:
         return StageError(
             f"emerge refused a binary package while installing {what}: its signature did not verify\n{shown}",
             hint="the binhost's packages must be signed by a key in --binhost-keyring (or the stage's "
-            "/etc/portage/gnupg); a tampered, unsigned or otherwise signed package is never installed. "
-            f"The whole emerge output is in {log.name}",
+            "/etc/portage/gnupg); a tampered, unsigned or otherwise signed package is never installed",
         )
     return StageError(f"emerge failed (exit status {status}) while installing {what}\n{shown}",
-                      hint=f"the whole emerge output is in {log}")
+                      hint="Portage's lines above say why; --keep-workspace keeps the whole emerge.log")
 
 
 @contextlib.contextmanager
@@ -435,11 +439,12 @@ def _install_kernel(tree: Tree, kernel: KernelKeys, arch: Arch, emerge: Emerge) 
             with emerge.log.open("ab") as out:
                 out.write(f"\n>>> dracut {' '.join(args)}\n".encode())
                 out.flush()
+                start = out.tell()
                 result = run(["chroot", tree.root, "dracut", *args],
                              env={"PATH": CHROOT_PATH, "HOME": "/root"}, stdout=out.fileno(), check=False)
                 out.write(result.stderr)
             if result.returncode != 0:
-                raise _emerge_error(f"the initramfs (dracut for {version})", result.returncode, emerge.log)
+                raise _emerge_error(f"the initramfs (dracut for {version})", result.returncode, emerge.log, start)
         finally:
             if masked_check:
                 tree.remove(_CHROOT_CHECK)
