@@ -258,15 +258,8 @@ def fetch_snapshot(base_url: str, cache_dir: Path, *, keyring: Path | None = Non
 
 
 def _content_length(url: str) -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),  # noqa: S310 - the mirror setting
-                                    timeout=HTTP_TIMEOUT) as response:
-            length = response.headers.get("Content-Length")
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise _network_error(url, exc, _SYNC_HINT) from exc
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _network_error(url, exc) from exc
+    with _answer(url, _SYNC_HINT, method="HEAD") as response:
+        length = response.headers.get("Content-Length")
     if length is None or not length.isdigit():
         raise StageError(f"{url}: the server does not say how large it is (no Content-Length)",
                          hint="use another mirror, or give the repository with --repo DIR")
@@ -289,9 +282,24 @@ def _cache_errors(cache_dir: Path) -> Iterator[None]:
 
 # --- HTTP -----------------------------------------------------------------------------------
 
-def _request(url: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
-    request = urllib.request.Request(url, headers={"User-Agent": f"imagebuild/{__version__}", **(headers or {})})
+def _request(url: str, headers: dict[str, str] | None = None, *, method: str = "GET") -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": f"imagebuild/{__version__}", **(headers or {})},
+                                     method=method)
     return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)  # noqa: S310 - URL is the mirror setting
+
+
+@contextlib.contextmanager
+def _answer(url: str, hint: str, *, method: str = "GET") -> Iterator[http.client.HTTPResponse]:
+    """The server's answer to ``method`` on ``url``; an HTTP error status is a StageError with
+    ``hint``, any other failure (also while the body is read) one with the reachability hint."""
+    try:
+        with _request(url, method=method) as response:
+            yield response
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise _network_error(url, exc, hint) from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise _network_error(url, exc) from exc
 
 
 def _network_error(url: str, exc: BaseException, hint: str = _REACH_HINT) -> StageError:
@@ -314,15 +322,9 @@ def _network_error(url: str, exc: BaseException, hint: str = _REACH_HINT) -> Sta
 def _get_small(url: str, *, hint: str) -> bytes:
     """The body of a small file (pointer, DIGESTS), read whole."""
     logger.debug("  GET %s", url)
-    try:
-        with _request(url) as response:
-            body = response.read(SMALL_FILE_LIMIT + 1)
-            length = response.headers.get("Content-Length")
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise _network_error(url, exc, hint) from exc
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _network_error(url, exc) from exc
+    with _answer(url, hint) as response:
+        body = response.read(SMALL_FILE_LIMIT + 1)
+        length = response.headers.get("Content-Length")
     if len(body) > SMALL_FILE_LIMIT:
         raise StageError(f"{url} is larger than {SMALL_FILE_LIMIT} bytes; that is not a Gentoo pointer or "
                          "DIGESTS file", hint="check the mirror URL")
