@@ -333,7 +333,11 @@ class PortageSteps:
 
     A result is cached as ``<cache>/portage/<arch>-<key>-<repository>.tar.zst``: ``key`` hashes
     every input but the repository, whose identity is --repo's digest, ``stage`` (the stage
-    carries it, and the stage's digest is in the key) or the mirror snapshot's id."""
+    carries it, and the stage's digest is in the key) or the mirror snapshot's id. Each entry is
+    a whole tree (hundreds of MB), and a weekly stage3 makes new keys, so only the ``KEEP`` most
+    recently used entries of each arch stay: a release's console and cloud-init keys, twice."""
+
+    KEEP = 4
 
     config: BuildConfig
     key: str | None
@@ -362,7 +366,11 @@ class PortageSteps:
                 except StageError as exc:
                     logger.warning("cannot tell whether the mirror's snapshot changed (%s): emerging again",
                                    exc.message)
-        return next((p for i in idents if (p := cls._path(config, key, i)).is_file()), None)
+        found = next((p for i in idents if (p := cls._path(config, key, i)).is_file()), None)
+        if found is not None:
+            with contextlib.suppress(OSError):
+                os.utime(found)  # used: the last to go when the cache is pruned
+        return found
 
     @staticmethod
     def _path(config: BuildConfig, key: str, ident: str) -> Path:
@@ -393,6 +401,22 @@ class PortageSteps:
             path.parent.mkdir(parents=True, exist_ok=True)
             pack_seed(ctx.root, path)
             shutil.copyfile(ctx.emerge_log, path.with_name(path.name.removesuffix(".tar.zst") + ".emerge.log"))
+        self.prune()
+
+    def prune(self) -> None:
+        for old in prune_steps_cache(self.config.cache_dir, self.config.arch.value, self.KEEP):
+            logger.info("  removed the cached steps %s (the cache keeps the %d most recently used of %s)",
+                        old.name, self.KEEP, self.config.arch.value)
+
+
+def prune_steps_cache(cache_dir: Path, arch: str, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` most recently used package-step results of ``arch`` (and their
+    emerge logs) from ``<cache_dir>/portage``; return what was removed."""
+    entries = sorted((cache_dir / "portage").glob(f"{arch}-*.tar.zst"), key=_mtime, reverse=True)
+    for old in entries[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name.removesuffix(".tar.zst") + ".emerge.log").unlink(missing_ok=True)
+    return entries[keep:]
 
 
 def _stage_digest(tarball: Path, cache_dir: Path) -> str:
@@ -404,6 +428,8 @@ def _stage_digest(tarball: Path, cache_dir: Path) -> str:
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(memo.read_text())
     if name not in known:
+        # Stages that changed or went away are forgotten; this one is remembered.
+        known = {k: v for k, v in known.items() if _still(k)}
         known[name] = emerge.stage_digest(tarball)
         with contextlib.suppress(OSError):
             memo.parent.mkdir(parents=True, exist_ok=True)
@@ -411,6 +437,23 @@ def _stage_digest(tarball: Path, cache_dir: Path) -> str:
             partial.write_text(json.dumps(known, indent=1, sort_keys=True))
             partial.rename(memo)
     return known[name]
+
+
+def _still(name: str) -> bool:
+    """Whether the stage a digest memo entry names (``path:size:mtime_ns``) is still as it was."""
+    path, size, mtime = name.rsplit(":", 2)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return f"{st.st_size}:{st.st_mtime_ns}" == f"{size}:{mtime}"
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def build_image(config: BuildConfig, *, keep_workspace: bool = False, shared: SharedStage | None = None,

@@ -3,12 +3,14 @@ work starts, and hashed into the cache key (imagebuild.emerge)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from test_options import resolved
 
 from imagebuild import emerge
+from imagebuild.build import prune_steps_cache
 from imagebuild.config import Arch, KernelKeys
 from imagebuild.errors import ConfigError, SpecError, StageError
 from imagebuild.tree import Tree
@@ -112,3 +114,22 @@ def test_a_binhost_must_answer_before_anything_is_emerged(tmp_path: Path) -> Non
         assert "HTTP 404" in caught.value.message and "--binhost" in (caught.value.hint or "")
     with pytest.raises(ConfigError, match="refused"):
         emerge.check_binhost(url, "/etc/portage/binrepos.conf")
+
+
+def test_the_steps_cache_keeps_the_most_recently_used_entries_of_each_arch(tmp_path: Path) -> None:
+    cache = tmp_path / "portage"
+    cache.mkdir()
+    for age, name in enumerate(["amd64-a-repo-1", "amd64-b-stage", "amd64-c-snapshot-x", "amd64-d-repo-2",
+                                "arm64-e-stage"]):
+        for suffix in (".tar.zst", ".emerge.log"):
+            (cache / (name + suffix)).write_text(name)
+            os.utime(cache / (name + suffix), (1_000_000 - age * 10, 1_000_000 - age * 10))
+    (cache / "stage-digests.json").write_text("{}")
+
+    removed = prune_steps_cache(tmp_path, "amd64", 2)
+
+    assert sorted(p.name for p in removed) == ["amd64-c-snapshot-x.tar.zst", "amd64-d-repo-2.tar.zst"]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "amd64-a-repo-1.emerge.log", "amd64-a-repo-1.tar.zst", "amd64-b-stage.emerge.log", "amd64-b-stage.tar.zst",
+        "arm64-e-stage.emerge.log", "arm64-e-stage.tar.zst", "stage-digests.json"]
+    assert prune_steps_cache(tmp_path / "nothing-here", "amd64", 2) == []
