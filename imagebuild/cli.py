@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--stamp", help="release stamp (default: now, YYYYMMDDTHHMMSSZ)")
     build.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="value for a spec placeholder @NAME@ (repeatable)")
+    build.add_argument("--stage1-spec", type=Path, metavar="FILE",
+                       help="the diskimage-stage1 spec of a diskimage-stage2 --spec: both run as one build, "
+                       "from the stage3 the stage1 spec names")
     build.add_argument("--no-test", action="store_true", help="do not boot-test the image (spec: imagebuild/smoke_test)")
     build.add_argument("--keep-workspace", action="store_true", help="keep the scratch tree for debugging")
 
@@ -108,9 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("arch", help="amd64, arm64 or riscv64")
     seed.add_argument("--spec", type=Path, required=True, help="a diskimage-stage1 spec (Catalyst syntax)")
     seed.add_argument("--stage", required=True, metavar="SOURCE", help="stage3 tarball path, or 'standin'")
-    seed.add_argument("-o", "--output", type=Path, required=True, help="seed tarball to write (.tar, .tar.xz, .tar.zst)")
+    seed.add_argument("-o", "--output", type=Path,
+                      help="seed tarball to write (.tar, .tar.xz, .tar.zst; default: the seed cache, "
+                      "<cache-dir>/builds/<rel_type>/diskimage-stage1-<subarch>-<version_stamp>.tar.zst, "
+                      "where a diskimage-stage2 spec's source_subpath finds it)")
+    seed.add_argument("--stamp", help="release stamp for @TIMESTAMP@ (default: now); the stage2 build gives the same")
     seed.add_argument("--repo", type=Path, help="ebuild repository to bind-mount at /var/db/repos/gentoo")
-    seed.add_argument("--getbinpkg", action="store_true", help="let emerge fetch binary packages (--getbinpkg)")
+    seed.add_argument("--binhost", metavar="URL", help="binary package host instead of the stage's binrepos.conf")
+    seed.add_argument("--binhost-keyring", type=Path, metavar="FILE", help="the OpenPGP key that signs its packages")
     seed.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                       help="value for a spec placeholder @NAME@ (repeatable)")
     seed.add_argument("--work-dir", type=Path, default=Path(options.default("work_dir")))
@@ -177,7 +185,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         Variant.parse(args.variant),
         Overrides(spec=args.spec, settings=_given_settings(args), allow_older_stage=args.allow_older_stage,
                   output_dir=args.output, stamp=args.stamp, placeholders=tuple(placeholders),
-                  init=InitSystem(args.init) if args.init else None),
+                  init=InitSystem(args.init) if args.init else None, stage1_spec=args.stage1_spec),
     )
     product = make_image(config, keep_workspace=args.keep_workspace)
     print(product.report.table())
@@ -262,19 +270,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_stage1(args: argparse.Namespace) -> int:
     from imagebuild.config import STANDIN_SOURCES
-    from imagebuild.resolve import make_stamp
+    from imagebuild.resolve import check_stamp, make_stamp
+    from imagebuild.seed import build_seed, seed_cache_path, seed_subpath
     from imagebuild.spec import load_spec
-    from imagebuild.stage1 import build_seed
     from imagebuild.standin import ensure_standin
 
     arch = Arch.parse(args.arch)
-    placeholders = {"TIMESTAMP": make_stamp(), **dict(_placeholders(args.set))}
-    spec = load_spec(args.spec, placeholders=placeholders, variables={"arch": arch.value})
-    stage = (ensure_standin(arch, args.cache_dir.resolve(), STANDIN_SOURCES[args.stage])
+    stamp = check_stamp(args.stamp) if args.stamp else make_stamp()
+    placeholders = {"TIMESTAMP": stamp, **dict(_placeholders(args.set))}
+    spec = load_spec(args.spec, placeholders=placeholders, variables={"arch": arch.value, "stamp": stamp})
+    cache_dir = args.cache_dir.resolve()
+    output = args.output or seed_cache_path(cache_dir, seed_subpath(spec))
+    stage = (ensure_standin(arch, cache_dir, STANDIN_SOURCES[args.stage])
              if args.stage in STANDIN_SOURCES
-             else Path(args.stage))
-    seed = build_seed(spec, stage, args.output, arch=arch, work_dir=args.work_dir.resolve(),
-                      getbinpkg=args.getbinpkg, repo=args.repo)
+             else Path(args.stage).expanduser().resolve())
+    seed = build_seed(spec, stage, output, arch=arch, work_dir=args.work_dir.resolve(), cache_dir=cache_dir,
+                      repo=args.repo, binhost=args.binhost, binhost_keyring=args.binhost_keyring)
     logger.info("✓ seed %s", seed)
     return 0
 

@@ -52,6 +52,7 @@ from imagebuild.stage1 import (
     prepare_portage,
     spec_path,
     write_use,
+    written_use,
 )
 from imagebuild.stage2 import EMERGE_ENV, require_emerge
 from imagebuild.stagefacts import Kernel, kernel_in
@@ -267,9 +268,19 @@ class Emerge:
     getbinpkg: bool
     jobs: int
 
-    def __call__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None, what: str) -> None:
+    usepkg: bool = False
+
+    def __call__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None, what: str,
+                 from_source: bool = False) -> None:
         opts = ["--quiet", "--jobs", str(self.jobs), "--load-average", str(self.jobs)]
-        if self.getbinpkg:
+        if from_source:
+            # No binary package, whatever the stage's FEATURES say: what is built must be built here.
+            opts += ["--getbinpkg=n", "--usepkg=n"]
+        elif self.usepkg:
+            # pkgcache_path and no update_seed (Catalyst's setup_emerge_opts): reuse and keep
+            # binary packages in the cache (the doubled --newuse is Catalyst's too).
+            opts += ["--usepkg", "--buildpkg", "--binpkg-respect-use=y", "--newuse"]
+        if self.getbinpkg and not from_source:
             opts.append("--getbinpkg")
         argv = ["emerge", *opts, *args]
         logger.info("  %s", " ".join(argv))
@@ -359,8 +370,9 @@ def _import_keyring(keyring: Path, tree: Tree, home: str) -> None:
 
 
 def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: Path, *,
-              install_kernel: bool, cache_dir: Path) -> str:
+              install_kernel: bool, cache_dir: Path, pkgcache: Path | None = None, jobs: int | None = None) -> str:
     """The package step, then (``install_kernel``) the kernel step, in the unpacked ``tree``.
+    ``pkgcache`` (Catalyst's pkgcache_path) is bind-mounted as the package cache and used.
     Returns the identity of the repository they used (repository())."""
     if install_kernel and not any(tree.lexists(p) for p in ("/usr/bin/emerge", "/bin/emerge")):
         raise StageError(
@@ -385,14 +397,16 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
                        "every package is built from source")
     getbinpkg = bool(keys.binhost or stage_binhosts)
     logger.info("  binary packages: %s", keys.binhost or ", ".join(u for u, _ in stage_binhosts) or "none (from source)")
+    # A seed keeps its diskimage/use unless the spec gives its own (a stage2 spec has none).
+    use = list(keys.use) or [f for f in written_use(tree) if f not in BUILD_ONLY_USE]
     with complete_step("Configuring Portage (profile, portage_confdir, USE)"):
         prepare_portage(tree, keys.profile, keys.confdir, where=keys.where.get("profile", "profile"))
-        write_use(tree, [*BUILD_ONLY_USE, *keys.use])
+        write_use(tree, [*BUILD_ONLY_USE, *use])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(build_mounts(tree, workspace, repo, None))
+        stack.enter_context(build_mounts(tree, workspace, repo, pkgcache))
         stack.enter_context(host_resolv_conf(tree))
         env = stack.enter_context(binhost_settings(tree, keys))
-        emerge = Emerge(tree, log, env, getbinpkg, os.cpu_count() or 1)
+        emerge = Emerge(tree, log, env, getbinpkg, jobs or os.cpu_count() or 1, usepkg=pkgcache is not None)
         if tree.lexists("/usr/sbin/env-update") or tree.lexists("/usr/bin/env-update"):
             chroot_run(tree, ["env-update"])  # Catalyst's update_env_settings
         if keys.packages:
@@ -402,7 +416,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
             for kernel in keys.kernels:
                 _install_kernel(tree, kernel, arch, emerge)
     with complete_step("Cleaning up after emerge (build-only USE, scratch)"):
-        write_use(tree, list(keys.use))  # Catalyst's clean: only diskimage/use stays
+        write_use(tree, use)  # Catalyst's clean: only diskimage/use stays
         for scratch in ("/var/tmp/portage", "/var/cache/distfiles", "/var/cache/binpkgs"):
             if tree.is_dir(scratch) and not tree.is_symlink(scratch):
                 tree.empty(scratch)
@@ -412,7 +426,7 @@ def run_steps(tree: Tree, keys: PortageKeys, arch: Arch, workspace: Path, log: P
 def _install_kernel(tree: Tree, kernel: KernelKeys, arch: Arch, emerge: Emerge) -> None:
     why = "the spec gives its sources" if kernel.package not in ("sys-kernel/gentoo-kernel-bin",
                                                                   "sys-kernel/gentoo-kernel") else \
-        "a config fragment needs a build from source" if kernel.config else \
+        "built from source here: a binary package would not have the config fragment" if kernel.config else \
         "no config fragment: Gentoo's prebuilt distribution kernel"
     with complete_step(f"Installing kernel '{kernel.name}': {kernel.package} ({why}), initramfs by dracut"):
         if kernel.config is not None:
@@ -428,7 +442,10 @@ def _install_kernel(tree: Tree, kernel: KernelKeys, arch: Arch, emerge: Emerge) 
             tree.write_text(_CHROOT_CHECK, "")
         try:
             emerge(["--oneshot", "sys-kernel/dracut"], what="dracut (pre-distkmerge.sh)")
-            emerge(["--update", kernel.package], env={"USE": "-initramfs"}, what=kernel.package)
+            # A binary package of the kernel was configured without the fragment: with one, the
+            # kernel is built here, as Catalyst builds it (its stage builds never --getbinpkg).
+            emerge(["--update", kernel.package], env={"USE": "-initramfs"}, what=kernel.package,
+                   from_source=kernel.config is not None)
             version = installed_kernel_version(tree, kernel.package)
             image = f"/usr/src/linux-{version}/{arch.kernel_image}"
             if not tree.is_file(image):

@@ -33,8 +33,10 @@ from imagebuild.config import (
 from imagebuild.emerge import read_portage_keys
 from imagebuild.errors import ConfigError, ImagebuildError
 from imagebuild.gpg import GENTOO_RELEASE_KEY_FINGERPRINT, GENTOO_SNAPSHOT_KEY_FINGERPRINT, normalize_fingerprint
+from imagebuild.log import logger
 from imagebuild.mirror import flavour_from_source_subpath
 from imagebuild.render import shipped_dir
+from imagebuild.seed import check_seed_spec, find_seed, seed_subpath
 from imagebuild.spec import Spec, load_spec
 from imagebuild.stage2 import read_stage2_keys
 
@@ -53,6 +55,7 @@ class Overrides:
     stamp: str | None = None
     placeholders: tuple[tuple[str, str], ...] = ()
     init: InitSystem | None = None
+    stage1_spec: Path | None = None  # the diskimage-stage1 spec run with a diskimage-stage2 one
 
     @property
     def stage(self) -> str | None:
@@ -142,10 +145,13 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     init_hint = opts.init or STANDIN_SOURCES.get(opts.stage or "")
     spec_path = opts.spec or default_spec(arch, variant, init_hint or InitSystem.systemd)
     placeholders = {"TIMESTAMP": stamp, **dict(opts.placeholders)}
-    spec = load_spec(spec_path, placeholders=placeholders,
-                     variables={"arch": arch.value, "variant": variant.value, "stamp": stamp})
+    variables = {"arch": arch.value, "variant": variant.value, "stamp": stamp}
+    spec = load_spec(spec_path, placeholders=placeholders, variables=variables)
+    if opts.stage1_spec is not None:
+        spec = _with_stage1(spec, load_spec(opts.stage1_spec, placeholders=placeholders, variables=variables), arch)
     _check_matches(spec, arch, variant)
     values = _Values(spec, opts)
+    cache_dir = Path(values["cache_dir"]).resolve()
 
     layout = ImageLayout(
         size=parse_size(values["size"], what="image size"),
@@ -156,6 +162,11 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
     layout.validate()
     # --mirror alone means "take the stage from that mirror".
     stage = values.given("stage") or ("mirror" if values.given("mirror") else None) or values["stage"]
+    if not (values.given("stage") or values.given("mirror") or spec.get("imagebuild/stage")):
+        # A diskimage-stage2 spec starts from its diskimage-stage1 seed, as Catalyst's does.
+        if (seed := find_seed(spec, cache_dir)) is not None:
+            logger.info("%s: the seed %s, from the seed cache", spec.where("source_subpath"), seed)
+            stage = str(seed)
     init, init_source = _expected_init(spec, opts, stage)
     image_name = _image_name(spec, arch, ImageKind(variant, init or InitSystem.systemd), stamp)
     if opts.init is not None and stage in STANDIN_SOURCES and stage != "standin" and STANDIN_SOURCES[stage] != opts.init:
@@ -195,10 +206,32 @@ def resolve(arch: Arch, variant: Variant, opts: Overrides) -> BuildConfig:
         portage=read_portage_keys(spec, repo=values.text("repo"), binhost=values.text("binhost"),
                                   keyring=values.text("binhost_keyring"), snapshot=_snapshot(values)),
         work_dir=Path(values["work_dir"]).resolve(),
-        cache_dir=Path(values["cache_dir"]).resolve(),
+        cache_dir=cache_dir,
         init=init,
         init_source=init_source,
     )
+
+
+# What a diskimage-stage2 build takes from its diskimage-stage1 spec when both run as one:
+# the package step's keys and the stage3 it starts from; profile and portage_confdir too where
+# the stage2 spec has none.
+_STAGE1_KEYS = ("diskimage/packages", "diskimage/use", "source_subpath")
+
+
+def _with_stage1(spec: Spec, stage1: Spec, arch: Arch) -> Spec:
+    """The diskimage-stage2 ``spec`` and its diskimage-stage1 spec as one build."""
+    check_seed_spec(stage1, arch)
+    if spec.get("target") != "diskimage-stage2":
+        raise ConfigError(f"{spec.where('target')}: --stage1-spec goes with a diskimage-stage2 spec, "
+                          f"and this one's target is '{spec.get('target') or '(none)'}'",
+                          hint="give releng's diskimage-stage2-*.spec as --spec and its diskimage-stage1 as --stage1-spec")
+    makes, starts = seed_subpath(stage1), spec.get("source_subpath")
+    if starts is not None and starts != makes:
+        raise ConfigError(f"{spec.where('source_subpath')}: the stage2 spec starts from {starts}, "
+                          f"but {stage1.path} makes {makes}",
+                          hint="give the stage1 spec of the same release and variant (and one --stamp for both)")
+    keys = _STAGE1_KEYS + tuple(k for k in ("profile", "portage_confdir") if k not in spec)
+    return spec.merged(stage1, keys)
 
 
 def _snapshot(values: _Values) -> SnapshotSource:

@@ -85,6 +85,7 @@ class SpecEntry:
     key: str
     values: tuple[str, ...]  # whitespace-separated tokens, as Catalyst splits them; () = none
     line: int  # 1-based line of the key
+    path: Path | None = None  # the file it came from when not the spec's own (Spec.merged)
 
     @property
     def is_none(self) -> bool:
@@ -96,6 +97,8 @@ class SpecEntry:
 class Spec:
     path: Path
     entries: Mapping[str, SpecEntry]
+    # The @NAME@ values the spec was read with (releng's REPO_DIR tells where its checkout is).
+    placeholders: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         """The value's tokens joined by one space; ``default`` if the key is absent or none."""
@@ -111,7 +114,15 @@ class Spec:
     def where(self, key: str) -> str:
         """``path:line`` of the key for messages (just the path if the key is absent)."""
         entry = self.entries.get(key)
-        return f"{self.path}:{entry.line}" if entry else str(self.path)
+        return f"{entry.path or self.path}:{entry.line}" if entry else str(self.path)
+
+    def merged(self, other: Spec, keys: tuple[str, ...]) -> Spec:
+        """This spec with ``keys`` taken from ``other`` (absent there: absent here too); each
+        entry still says which file and line it came from."""
+        entries = {k: v for k, v in self.entries.items() if k not in keys}
+        entries.update({k: dataclasses.replace(other.entries[k], path=other.entries[k].path or other.path)
+                        for k in keys if k in other.entries})
+        return dataclasses.replace(self, entries=MappingProxyType(entries))
 
     def __contains__(self, key: object) -> bool:
         return key in self.entries
@@ -163,7 +174,7 @@ def parse_spec_text(text: str, path: Path, *, placeholders: Mapping[str, str] = 
             continue
         none = len(draft.tokens) == 1 and draft.tokens[0].lower() == "none"
         entries[draft.key] = SpecEntry(draft.key, () if none else tuple(draft.tokens), draft.line)
-    return Spec(path, MappingProxyType(entries))
+    return Spec(path, MappingProxyType(entries), MappingProxyType(dict(placeholders)))
 
 
 # --- Step 1: jinja2, keeping track of source lines ------------------------------------------

@@ -1,11 +1,10 @@
-"""Catalyst's diskimage-stage1: emerge ``diskimage/packages`` into a stage, pack it as a seed.
+"""The pieces of Catalyst's diskimage-stage1 that the package step (imagebuild.emerge) and
+the seed command (imagebuild.seed) are made of.
 
-The steps and their order are those of catalyst/targets/diskimage_stage1.py on StageBase:
-unpack, make.profile link, ``portage_confdir`` copied into /etc/portage, the bind mounts
-(ebuild repository, distfiles, package cache), chroot setup (the host's resolv.conf, USE in
-make.conf), ``run_merge --update --deep --newuse PACKAGES`` (targets/diskimage-stage1/chroot.sh),
-clean (make.conf without the build-only USE flags, the cleanables), capture as a tarball.
-The seed is what ``imagebuild build --stage SEED`` (diskimage-stage2) starts from.
+They follow catalyst/targets/diskimage_stage1.py on StageBase: the make.profile link,
+``portage_confdir`` copied into /etc/portage, the bind mounts (ebuild repository, distfiles,
+package cache), chroot setup (the host's resolv.conf, USE in make.conf), clean (make.conf without
+the build-only USE flags, the cleanables) and capture as a tarball (pack_seed).
 """
 
 from __future__ import annotations
@@ -16,19 +15,15 @@ import re
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from imagebuild.chroot import check_can_execute, chroot_mounts, chroot_run
-from imagebuild.config import Arch
-from imagebuild.errors import ConfigError, SpecError, StageError, WorkspaceError
-from imagebuild.log import complete_step, logger
+from imagebuild.chroot import chroot_mounts
+from imagebuild.errors import ConfigError, SpecError, WorkspaceError
+from imagebuild.log import logger
 from imagebuild.mountinfo import mounts_below
 from imagebuild.mounts import mounted
 from imagebuild.output import temporary_name
 from imagebuild.run import run
 from imagebuild.spec import Spec
-from imagebuild.stage2 import require_emerge, run_merge
 from imagebuild.tree import Tree, walk_host
-from imagebuild.unpack import unpack_stage
-from imagebuild.workspace import Workspace
 
 # Seed suffix -> tar's compression options (multi-threaded where the compressor can be).
 SEED_COMPRESSION: dict[str, list[str]] = {
@@ -50,52 +45,28 @@ _CLEANABLE_FILES = ("/etc/machine-id", "/etc/sandbox.d/99catalyst")
 _CLEANABLE_DIRS = ("/var/tmp", "/tmp")
 
 
-def check_seed_spec(spec: Spec, arch: Arch) -> list[str]:
-    """The package atoms to emerge; SpecError (file:line) if ``spec`` is no diskimage-stage1 spec."""
-    target = spec.get("target")
-    if target != "diskimage-stage1":
-        raise SpecError(f"{spec.where('target')}: target is '{target or '(none)'}', not diskimage-stage1",
-                        hint="build a seed from a diskimage-stage1 spec (releng: diskimage-stage1-*.spec); "
-                        "diskimage-stage2 specs go to 'imagebuild build'")
-    packages = spec.get_list("diskimage/packages")
-    if not packages:
-        raise SpecError(f"{spec.where('diskimage/packages')}: the spec has no diskimage/packages",
-                        hint="list the package atoms to install under diskimage/packages, as Catalyst requires")
-    for atom in packages:
-        if atom.startswith("-"):
-            raise SpecError(f"{spec.where('diskimage/packages')}: '{atom}' is an option, not a package atom",
-                            hint="diskimage/packages holds atoms and sets (app-editors/nano, @world) only")
-    subarch = spec.get("subarch")
-    if subarch in set(Arch) and subarch != arch:
-        raise SpecError(f"{spec.where('subarch')}: the spec is for {subarch}, the build for {arch.value}",
-                        hint=f"build it as {subarch}, or use the {arch.value} spec")
-    return packages
-
-
-def emerge_arguments(packages: list[str], *, jobs: int, pkgcache: bool, getbinpkg: bool) -> list[str]:
-    """``emerge_opts`` of chroot-functions.sh's setup_emerge_opts, then chroot.sh's arguments."""
-    opts = ["--quiet"]  # Catalyst's default; --verbose only under catalyst -v
-    # --jobs and --load-average as Catalyst's jobs / load-average settings give them; the load
-    # limit keeps N emerge jobs each running make -jN from swamping the machine.
-    opts += ["--jobs", str(jobs), "--load-average", str(jobs)]
-    if pkgcache:
-        # A package cache and no update_seed: reuse and keep binary packages (the doubled
-        # --newuse below is Catalyst's too).
-        opts += ["--usepkg", "--buildpkg", "--binpkg-respect-use=y", "--newuse"]
-    if getbinpkg:
-        # Not Catalyst's (stage builds "never get --getbinpkg", stagebase.py): asked for by
-        # the caller; fetches from the binrepos.conf the stage ships (implies --usepkg).
-        opts += ["--getbinpkg"]
-    return [*opts, "--update", "--deep", "--newuse", *packages]
+# Where Gentoo's release hosts keep the releng checkout: releng's specs name it so in places
+# where they do not write @REPO_DIR@ (boot/kernel/gentoo/config of the amd64 stage2 specs).
+RELENG_HOST_CHECKOUT = Path("/root/releng")
 
 
 def spec_path(spec: Spec, key: str) -> Path | None:
-    """A host directory named by ``key``; a relative one starts at the spec's directory."""
+    """A host path named by ``key``; a relative one starts at the spec's directory. A path in
+    releng's checkout on Gentoo's hosts (/root/releng/...) that is not here is read below the
+    checkout given as @REPO_DIR@, when one was given."""
     value = spec.get(key)
     if value is None:
         return None
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (spec.path.parent / path).resolve()
+    if not path.is_absolute():
+        return (spec.path.parent / path).resolve()
+    repo_dir = spec.placeholders.get("REPO_DIR")
+    if repo_dir and path.is_relative_to(RELENG_HOST_CHECKOUT) and not path.exists():
+        moved = Path(repo_dir).expanduser().resolve() / path.relative_to(RELENG_HOST_CHECKOUT)
+        logger.info("%s: %s is releng's checkout on Gentoo's hosts; reading %s (REPO_DIR)",
+                    spec.where(key), path, moved)
+        return moved
+    return path
 
 
 def write_use(tree: Tree, flags: list[str]) -> None:
@@ -114,6 +85,15 @@ def write_use(tree: Tree, flags: list[str]) -> None:
             f"{_USE_BEGIN}\n# The USE flags used for building in addition to what the profile provides.\n"
             f'USE="{" ".join(sorted(set(flags)))}"\n{_USE_END}\n')
     tree.write_text(make_conf, text)
+
+
+def written_use(tree: Tree) -> list[str]:
+    """The flags of the USE block write_use left in make.conf (a seed's diskimage/use)."""
+    make_conf = "/etc/portage/make.conf"
+    text = tree.read_text(make_conf) if tree.is_file(make_conf) else ""
+    block = text.partition(_USE_BEGIN)[2].partition(_USE_END)[0]
+    found = re.search(r'^USE="([^"]*)"', block, re.M)
+    return found.group(1).split() if found else []
 
 
 def prepare_portage(tree: Tree, profile: str | None, confdir: Path | None, *, where: str = "profile") -> None:
@@ -198,18 +178,6 @@ def _remove_if_empty(tree: Tree, directory: str) -> None:
             tree.remove(directory)
 
 
-def _check_repository(tree: Tree, repo: Path | None) -> None:
-    if repo is not None:
-        if not (repo / "profiles").is_dir():
-            raise ConfigError(f"{repo} is not an ebuild repository (it has no profiles/ directory)",
-                              hint="give a checkout or unpacked snapshot of the gentoo repository")
-        return
-    if not any(tree.is_file(f"{r}/profiles/repo_name") for r in tree.glob("/var/db/repos", "*")):
-        raise StageError("the stage has no ebuild repository in /var/db/repos for emerge to use",
-                         hint="give the gentoo repository (a checkout or unpacked snapshot) with --repo, "
-                         "as Catalyst mounts its snapshot_treeish")
-
-
 def clean_seed(tree: Tree, use: list[str]) -> None:
     """Catalyst's clean(): build-only USE dropped, the cleanables, /etc/*- backup files."""
     write_use(tree, use)
@@ -235,64 +203,15 @@ def pack_seed(root: Path, output: Path) -> None:
     partial = temporary_name(output)
     try:
         run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name",
-             *SEED_COMPRESSION[_suffix(output)], "-C", root, "-cpf", partial, "."])
+             *SEED_COMPRESSION[seed_suffix(output)], "-C", root, "-cpf", partial, "."])
         partial.rename(output)
     finally:
         partial.unlink(missing_ok=True)
 
 
-def _suffix(output: Path) -> str:
+def seed_suffix(output: Path) -> str:
     for suffix in sorted(SEED_COMPRESSION, key=len, reverse=True):
         if output.name.endswith(suffix):
             return suffix
     raise ConfigError(f"cannot tell how to compress the seed {output}",
                       hint=f"name it with one of: {', '.join(SEED_COMPRESSION)} (.tar.zst is fast)")
-
-
-def build_seed(spec: Spec, stage_tarball: Path, output: Path, *, arch: Arch, work_dir: Path,
-               getbinpkg: bool = False, repo: Path | None = None, jobs: int | None = None) -> Path:
-    """Emerge the spec's diskimage/packages into ``stage_tarball``; write the seed to ``output``.
-
-    ``repo`` is the ebuild repository bind-mounted (read-only) at /var/db/repos/gentoo, as
-    Catalyst mounts its snapshot; without it the stage must carry one. Returns ``output``.
-    """
-    packages = check_seed_spec(spec, arch)
-    output = Path(output).absolute()
-    _suffix(output)
-    if output.exists():
-        raise ConfigError(f"{output} already exists", hint="remove it or choose another output name")
-    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
-        raise ConfigError(f"cannot write the seed into {output.parent}", hint="choose a writable directory")
-    confdir = spec_path(spec, "portage_confdir")
-    if confdir is not None and not confdir.is_dir():
-        raise SpecError(f"{spec.where('portage_confdir')}: portage_confdir {confdir} does not exist",
-                        hint="point it at a directory of Portage configuration (releng: releases/portage/diskimage)")
-    pkgcache = spec_path(spec, "pkgcache_path")
-    use = spec.get_list("diskimage/use")
-    jobs = jobs or os.cpu_count() or 1
-    args = emerge_arguments(packages, jobs=jobs, getbinpkg=getbinpkg,
-                            pkgcache=pkgcache is not None and spec.get("update_seed", "no") == "no")
-    check_can_execute(arch)
-
-    with Workspace(Path(work_dir), f"seed-{arch.value}") as workspace:
-        root = workspace / "root"
-        tree = Tree(root)
-        with complete_step(f"Unpacking {stage_tarball.name}"):
-            logger.info("  %d entries", unpack_stage(stage_tarball, root))
-        require_emerge(tree, f"diskimage-stage1 ({spec.path})")
-        _check_repository(tree, repo)
-        with complete_step("Configuring Portage (make.profile, portage_confdir, USE)"):
-            prepare_portage(tree, spec.get("profile"), confdir, where=spec.where("profile"))
-            write_use(tree, [*BUILD_ONLY_USE, *use])
-        with complete_step(f"Emerging {len(packages)} packages ({arch.value})"):
-            with build_mounts(tree, workspace, repo, pkgcache), host_resolv_conf(tree):
-                if tree.lexists("/usr/sbin/env-update"):
-                    chroot_run(tree, ["/usr/sbin/env-update"])  # update_env_settings
-                # MAKEOPTS as StageBase.setup_environment derives it from jobs/load-average.
-                run_merge(tree, args, env={"MAKEOPTS": f"-j{jobs} -l{jobs}"})
-        with complete_step("Cleaning the tree (Catalyst's clean)"):
-            clean_seed(tree, use)
-        with complete_step(f"Packing the seed {output.name}"):
-            pack_seed(root, output)
-    logger.info("✓ %s (%.0f MiB)", output, output.stat().st_size / 2**20)
-    return output

@@ -371,9 +371,11 @@ _DRACUT_VERSION = "105"
 _INSTALLKERNEL_VERSION = "50"
 
 
-def write_repository(dest: Path, standins: list[GentooStandin]) -> Path:
+def write_repository(dest: Path, standins: list[GentooStandin], *, distfiles_url: str | None = None) -> Path:
     """The test ebuild repository ``gentoo`` at ``dest``, with the payload packages of
-    ``standins`` (their distfiles digested in each package's Manifest); returns ``dest``."""
+    ``standins`` (their distfiles digested in each package's Manifest); returns ``dest``.
+    With ``distfiles_url`` (where the stand-ins' distfiles are served), the kernel built from
+    source, ``sys-kernel/gentoo-kernel``, fetches its payload from there."""
     arches = sorted({s.arch for s in standins}, key=list(Arch).index)
     keywords = " ".join(a.value for a in arches)
     ebuilds: dict[str, str] = {}  # relative path -> text
@@ -391,7 +393,9 @@ def write_repository(dest: Path, standins: list[GentooStandin]) -> Path:
         dist = [{"arch": s.arch.value, "distfile": p.distfile, "version": s.kernel_version} for s, p in entries]
         words = " ".join(s.arch.value for s, _ in entries)
         if atom in KERNEL_PACKAGES:
-            text = _TEMPLATES.get_template("kernel.ebuild.j2").render(atom=atom, kernels=dist, keywords=words)
+            text = _TEMPLATES.get_template("kernel.ebuild.j2").render(
+                atom=atom, kernels=dist, keywords=words,
+                fetch_url=distfiles_url if atom == "sys-kernel/gentoo-kernel" else None)
         else:
             what, homepage, license_ = _PAYLOAD_PACKAGES[atom]
             text = _TEMPLATES.get_template("payload.ebuild.j2").render(

@@ -1,6 +1,8 @@
 """Stage1 (Catalyst's diskimage-stage1): emerge the package set in a chroot, pack a seed.
 
-Nothing here can run Portage. The stage is a tiny real tree (the host's static busybox for
+What Catalyst's steps look like from inside the chroot: the arguments, environment, mounts
+and configuration emerge is given. (test_portage_build and test_releng_pair run real Portage.)
+The stage is a tiny real tree (the host's static busybox for
 amd64; dash and glibc taken from the cached arm64 stand-in stage for arm64) whose ``emerge``
 is a shell script the test installs: it records its arguments, environment, working
 directory and what it could see, to a file inside the tree. The chroot, the mounts, the
@@ -18,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from imagebuild.config import Arch
-from imagebuild.errors import CommandError, SpecError, StageError
+from imagebuild.errors import ConfigError, SpecError, StageError
+from imagebuild.seed import build_seed
 from imagebuild.spec import load_spec
-from imagebuild.stage1 import build_seed
 from imagebuild.unpack import unpack_stage
 
 from conftest import CACHE_DIR, _standin, missing, mounts_under, require_root, require_tools
+from gentoo_standin import serve
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +42,7 @@ FAKE_EMERGE = r"""#!/bin/sh
     if [ -e /proc/self/mountinfo ]; then echo "seen=proc"; fi
     if [ -e /dev/null ]; then echo "seen=dev"; fi
     if [ -e /var/db/repos/gentoo/profiles/repo_name ]; then echo "seen=repository"; fi
+    if [ -e /etc/portage/binrepos.conf ]; then while IFS= read -r line; do echo "binrepos:$line"; done < /etc/portage/binrepos.conf; fi
     if (: > /var/db/repos/gentoo/.probe) 2>/dev/null; then echo "seen=repository-writable"; fi
     if (: > /var/cache/binpkgs/fake-emerge-was-here) 2>/dev/null; then echo "seen=binpkgs-writable"; fi
     while IFS= read -r line; do echo "make.conf:$line"; done < /etc/portage/make.conf
@@ -159,7 +163,7 @@ def read_calls(tree: Path) -> list[dict]:
         if line == "=== emerge":
             calls.append({"args": [], "env": {}, "seen": set(), "make.conf": []})
             continue
-        key, _, value = line.partition("=") if not line.startswith(("env:", "make.conf:")) else \
+        key, _, value = line.partition("=") if not line.startswith(("env:", "make.conf:", "binrepos:")) else \
             line.partition(":")
         call = calls[-1]
         if key == "arg":
@@ -171,8 +175,8 @@ def read_calls(tree: Path) -> list[dict]:
                 call["env"][name] = val
         elif key == "seen":
             call["seen"].add(value)
-        elif key == "make.conf":
-            call["make.conf"].append(value)
+        elif key in ("make.conf", "binrepos"):
+            call.setdefault(key, []).append(value)
         else:
             call[key] = value
     return calls
@@ -194,36 +198,39 @@ EXPECTED_ENV = {
     "EMERGE_WARNING_DELAY": "0",
     "CLEAN_DELAY": "0",
     "CONFIG_PROTECT": "-*",
-    "FEATURES": "-news binpkg-multi-instance clean-logs parallel-install",
+    "FEATURES": "-news binpkg-multi-instance clean-logs parallel-install binpkg-request-signature",
     "MAKEOPTS": "-j2 -l2",
     "HOME": "/root",
 }
 
 
-@pytest.mark.parametrize(("arch", "getbinpkg", "suffix"), [
+@pytest.mark.parametrize(("arch", "binhost", "suffix"), [
     (Arch.amd64, False, ".tar.zst"),
     (Arch.amd64, True, ".tar.xz"),
     pytest.param(Arch.arm64, False, ".tar.zst", marks=pytest.mark.standin("arm64")),
 ])
-def test_build_seed(tmp_path: Path, host_state: None, arch: Arch, getbinpkg: bool, suffix: str) -> None:
+def test_build_seed(tmp_path: Path, host_state: None, arch: Arch, binhost: bool, suffix: str) -> None:
     if arch == Arch.arm64 and not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         missing("binfmt_misc has no qemu-aarch64 handler (Debian: qemu-user-static binfmt-support; ci/setup)")
     stage = make_stage(tmp_path, arch)
     spec = load_spec(write_spec(tmp_path, arch))
     output = tmp_path / "out" / f"seed-{arch.value}{suffix}"
-    output.parent.mkdir()
     work = tmp_path / "work"
+    (tmp_path / "binhost").mkdir()
+    (tmp_path / "binhost/Packages").write_text("PACKAGES: 0\n\n")
 
-    assert build_seed(spec, stage, output, arch=arch, work_dir=work, getbinpkg=getbinpkg,
-                      repo=make_repo(tmp_path), jobs=2) == output
+    with serve(tmp_path / "binhost") as url:
+        assert build_seed(spec, stage, output, arch=arch, work_dir=work, cache_dir=tmp_path / "cache",
+                          binhost=url if binhost else None, repo=make_repo(tmp_path), jobs=2) == output
 
     assert output.is_file() and not list(output.parent.glob(".*partial*"))
+    assert output.with_name(f"seed-{arch.value}.emerge.log").is_file(), "emerge's output is kept beside the seed"
     assert list(work.iterdir()) == [], "the workspace must be removed"
     seed = tmp_path / "seed"
     unpack_stage(output, seed)  # what 'imagebuild build --stage SEED' does with it
 
     [call] = read_calls(seed)
-    expected = ["--quiet", "--jobs", "2", "--load-average", "2", *(["--getbinpkg"] if getbinpkg else []),
+    expected = ["--quiet", "--jobs", "2", "--load-average", "2", *(["--getbinpkg"] if binhost else []),
                 "--update", "--deep", "--newuse", "app-editors/nano", "sys-fs/xfsprogs"]
     assert call["args"] == expected
     assert {k: call["env"].get(k) for k in EXPECTED_ENV} == EXPECTED_ENV
@@ -232,6 +239,10 @@ def test_build_seed(tmp_path: Path, host_state: None, arch: Arch, getbinpkg: boo
     # In the chroot: the host's resolv.conf, /proc, /dev, the repository mounted read-only.
     assert {"resolv.conf", "proc", "dev", "repository"} <= call["seen"]
     assert "repository-writable" not in call["seen"]
+    # The binhost given is the only one while emerge runs, and is gone from the seed.
+    if binhost:
+        assert "verify-signature = true" in call["binrepos"] and f"sync-uri = {url}" in call["binrepos"]
+    assert not (seed / "etc/portage/binrepos.conf").exists()
     # USE while building: Catalyst's catalyst_use plus diskimage/use, last in make.conf.
     assert call["make.conf"][:2] == STAGE_MAKE_CONF.splitlines()
     assert 'USE="bindist compile-locales diskimage lvm"' in call["make.conf"]
@@ -264,7 +275,7 @@ def test_package_cache_is_used_and_stays_outside(tmp_path: Path, host_state: Non
     spec = load_spec(write_spec(tmp_path, Arch.amd64, extra=f"pkgcache_path: {pkgcache}\n"))
     output = tmp_path / "seed.tar"
     build_seed(spec, make_stage(tmp_path, Arch.amd64), output, arch=Arch.amd64, work_dir=tmp_path / "work",
-               repo=make_repo(tmp_path), jobs=2)
+               cache_dir=tmp_path / "cache", repo=make_repo(tmp_path), jobs=2)
     seed = tmp_path / "seed"
     unpack_stage(output, seed)
     [call] = read_calls(seed)
@@ -278,9 +289,10 @@ def test_package_cache_is_used_and_stays_outside(tmp_path: Path, host_state: Non
 def test_failed_emerge_leaves_nothing(tmp_path: Path, host_state: None) -> None:
     spec = load_spec(write_spec(tmp_path, Arch.amd64, packages="\tapp-editors/nano\n\tfail/me\n"))
     output = tmp_path / "seed.tar.zst"
-    with pytest.raises(CommandError, match="emerge"):
+    with pytest.raises(StageError, match="emerge failed .* while installing diskimage/packages") as failure:
         build_seed(spec, make_stage(tmp_path, Arch.amd64), output, arch=Arch.amd64,
-                   work_dir=tmp_path / "work", repo=make_repo(tmp_path), jobs=2)
+                   work_dir=tmp_path / "work", cache_dir=tmp_path / "cache", repo=make_repo(tmp_path), jobs=2)
+    assert "fake emerge: failing as asked" in failure.value.message, "emerge's own words are in the message"
     assert not output.exists() and not list(tmp_path.glob(".seed*"))
     assert list((tmp_path / "work").iterdir()) == []
 
@@ -290,11 +302,13 @@ def test_stage_without_emerge_or_repository(tmp_path: Path, host_state: None) ->
     stage = make_stage(tmp_path, Arch.amd64, emerge=False)
     with pytest.raises(StageError, match="no /usr/bin/emerge"):
         build_seed(spec, stage, tmp_path / "a.tar", arch=Arch.amd64, work_dir=tmp_path / "work",
-                   repo=make_repo(tmp_path))
+                   cache_dir=tmp_path / "cache", repo=make_repo(tmp_path))
     (tmp_path / f"tree-{Arch.amd64.value}").rename(tmp_path / "old-tree")
     stage = make_stage(tmp_path, Arch.amd64)
-    with pytest.raises(StageError, match="no ebuild repository"):
-        build_seed(spec, stage, tmp_path / "b.tar", arch=Arch.amd64, work_dir=tmp_path / "work")
+    with pytest.raises(ConfigError, match="no ebuild repository .* --repo was not given") as failure:
+        build_seed(spec, stage, tmp_path / "b.tar", arch=Arch.amd64, work_dir=tmp_path / "work",
+                   cache_dir=tmp_path / "cache")
+    assert "--repo DIR" in (failure.value.hint or "")
     assert not (tmp_path / "a.tar").exists() and not (tmp_path / "b.tar").exists()
 
 
@@ -302,18 +316,22 @@ def test_spec_errors_name_file_and_line(tmp_path: Path) -> None:
     stage = tmp_path / "never-read.tar"
     wrong = load_spec(write_spec(tmp_path, Arch.amd64, target="diskimage-stage2"))
     with pytest.raises(SpecError, match=rf"{wrong.path}:2: target is 'diskimage-stage2', not diskimage-stage1"):
-        build_seed(wrong, stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work")
+        build_seed(wrong, stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work",
+                   cache_dir=tmp_path / "cache")
 
     empty = load_spec(write_spec(tmp_path, Arch.amd64, packages="\tnone\n"))
     with pytest.raises(SpecError, match=r":14: the spec has no diskimage/packages"):
-        build_seed(empty, stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work")
+        build_seed(empty, stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work",
+                   cache_dir=tmp_path / "cache")
 
     (tmp_path / "nowhere").mkdir()
     gone = write_spec(tmp_path, Arch.amd64)
     gone.write_text(gone.read_text().replace(str(tmp_path / "portage-confdir"), str(tmp_path / "nowhere/x")))
     with pytest.raises(SpecError, match=rf"{gone}:8: portage_confdir .*nowhere/x does not exist"):
-        build_seed(load_spec(gone), stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work")
+        build_seed(load_spec(gone), stage, tmp_path / "s.tar", arch=Arch.amd64, work_dir=tmp_path / "work",
+                   cache_dir=tmp_path / "cache")
 
     with pytest.raises(SpecError, match=r":1: the spec is for amd64, the build for arm64"):
-        build_seed(load_spec(gone), stage, tmp_path / "s.tar", arch=Arch.arm64, work_dir=tmp_path / "work")
+        build_seed(load_spec(gone), stage, tmp_path / "s.tar", arch=Arch.arm64, work_dir=tmp_path / "work",
+                   cache_dir=tmp_path / "cache")
     assert not (tmp_path / "work").exists(), "spec errors are found before any work starts"
