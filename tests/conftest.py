@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -244,14 +246,26 @@ BINHOST_PACKAGES = ("sys-kernel/gentoo-kernel-bin", "sys-kernel/dracut", "sys-ke
 class GentooBinhost:
     """The Portage stand-in stage3s (tests/gentoo_standin.py), the test ebuild repository and one
     signed binhost served on 127.0.0.1 for them all. Each architecture's stage3 and packages are
-    made when a test first asks for them (arm64's take minutes)."""
+    made when a test first asks for them (arm64's take minutes under qemu-user).
 
-    def __init__(self, top: Path, url: str) -> None:
+    The packages and their throwaway signing key are kept between runs in ``cache`` (keyed by
+    what makes them: binhost_cache); each architecture's are built once for its stage3."""
+
+    def __init__(self, top: Path, url: str, distfiles_url: str, cache: Path) -> None:
         import gentoo_standin
 
-        self.top, self.url = top, url
-        self.pkgdir, self.repo, self.home = top / "binpkgs", top / "repo", top / "signing"
-        self.fingerprint, self.public_key = gentoo_standin.make_signing_key(self.home)
+        self.top, self.url, self.distfiles_url = top, url, distfiles_url
+        self.pkgdir, self.repo, self.home = cache / "binpkgs", top / "repo", cache / "signing"
+        self.cache = cache
+        self.public_key = self.home.with_name(f"{self.home.name}-public.asc")
+        known = cache / "fingerprint"
+        if known.is_file() and self.public_key.is_file():
+            self.fingerprint = known.read_text().strip()
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+            self.pkgdir.mkdir(parents=True)
+            self.fingerprint, self.public_key = gentoo_standin.make_signing_key(self.home)
+            known.write_text(self.fingerprint + "\n")
         self._standins: dict[Arch, object] = {}
         self._lock = threading.Lock()
 
@@ -265,14 +279,43 @@ class GentooBinhost:
                     _standin(arch)  # the prebuilt foreign stand-in it is made from
                 standin = gentoo_standin.make_stage3(arch, InitSystem.systemd, CACHE_DIR)
                 self._standins[arch] = standin
-                gentoo_standin.write_repository(self.repo, list(self._standins.values()))  # type: ignore[arg-type]
-                gentoo_standin.build_binhost(standin, self.repo, self.pkgdir, self.home, self.fingerprint,
-                                             packages=list(BINHOST_PACKAGES))
+                for distfile in standin.distfiles.iterdir():  # served for the kernel built from source
+                    served = self.top / "distfiles" / distfile.name
+                    if not served.exists():
+                        try:
+                            served.hardlink_to(distfile)
+                        except OSError:
+                            shutil.copyfile(distfile, served)
+                gentoo_standin.write_repository(self.repo, list(self._standins.values()),  # type: ignore[arg-type]
+                                                distfiles_url=self.distfiles_url)
+                built = self.cache / f"built-{arch.value}-{standin.stage3.parent.name}"
+                if not built.exists():
+                    gentoo_standin.build_binhost(standin, self.repo, self.pkgdir, self.home, self.fingerprint,
+                                                 packages=list(BINHOST_PACKAGES))
+                    built.touch()
             return self._standins[arch].stage3  # type: ignore[attr-defined,no-any-return]
 
     def standin(self, arch: Arch) -> object:
         """The GentooStandin of ``arch`` (after stage3(arch))."""
         return self._standins[arch]
+
+
+def binhost_cache() -> Path:
+    """Where the test binhost is kept between runs: ``<cache>/test-stages/binhost-<key>``, the key
+    hashing what makes its packages (tests/gentoo_standin.py and its files, the package list, the
+    builder's USE). Binhosts of other keys are removed."""
+    import gentoo_standin
+
+    digest = hashlib.sha256(json.dumps([BINHOST_PACKAGES, gentoo_standin.BINHOST_PACKAGE_USE]).encode())
+    for path in sorted([Path(gentoo_standin.__file__), *gentoo_standin.FILES.rglob("*")]):
+        if path.is_file():
+            digest.update(f"{path.relative_to(REPO)}\0".encode() + path.read_bytes())
+    top = CACHE_DIR / "test-stages"
+    cache = top / f"binhost-{digest.hexdigest()[:16]}"
+    for stale in top.glob("binhost-*"):
+        if stale != cache:
+            shutil.rmtree(stale, ignore_errors=True)
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -282,9 +325,11 @@ def gentoo_binhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GentooB
     import gentoo_standin
 
     top = tmp_path_factory.mktemp("gentoo")
-    (top / "binpkgs").mkdir()
-    with gentoo_standin.serve(top / "binpkgs") as url:
-        binhost = GentooBinhost(top, url)
+    (top / "distfiles").mkdir()
+    cache = binhost_cache()
+    (cache / "binpkgs").mkdir(parents=True, exist_ok=True)
+    with gentoo_standin.serve(cache / "binpkgs") as url, gentoo_standin.serve(top / "distfiles") as distfiles_url:
+        binhost = GentooBinhost(top, url, distfiles_url, cache)
         try:
             yield binhost
         finally:

@@ -4,21 +4,20 @@ The stage is the Portage stand-in stage3 of tests/gentoo_standin.py: the Debian 
 Portage 3.0.83 from PyPI, Gentoo's /etc/portage and binrepos.conf, and no kernel, initramfs,
 GRUB EFI modules or cloud-init. Those come, as on Gentoo, from emerge: a test ebuild repository
 and a binhost of gpkg packages signed with a throwaway key on 127.0.0.1 (conftest's
-gentoo_binhost). The images these builds make boot in tests/boot/test_release.py; here, what
-a build does with its inputs: the emerge, the cache, the image's Portage configuration, and
-every way the inputs can be wrong.
+gentoo_binhost). The images these builds make boot in tests/boot/test_release.py (where the
+second image of each architecture reuses the first one's cached steps); releng's specs emerge in
+tests/integration/test_releng_pair.py, which also reads the image's Portage configuration
+offline. Here: every way the inputs can be wrong.
 """
 
 from __future__ import annotations
 
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from imagebuild.config import Arch
-from imagebuild.imagefs import open_image
 
 from conftest import GentooBinhost, imagebuild_cli, loop_devices, mounts_under
 
@@ -49,46 +48,6 @@ def _nothing_left(tmp_path: Path, out: str = "out") -> None:
     assert not loop_devices(tmp_path), "a loop device is left behind"
     assert not (tmp_path / out).exists() or not list((tmp_path / out).iterdir()), "half-written output"
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").glob("build-*")), "a workspace is left"
-
-
-def test_emerge_then_the_cached_result(tmp_path: Path, gentoo_binhost: GentooBinhost) -> None:
-    flags = ("--repo", gentoo_binhost.repo, "--binhost", gentoo_binhost.url,
-             "--binhost-keyring", gentoo_binhost.public_key)
-    result = _build(tmp_path, gentoo_binhost, *flags)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "sys-kernel/gentoo-kernel-bin (no config fragment" in result.stderr
-    [image] = (tmp_path / "out").glob("*.qcow2")
-    log = (tmp_path / "out" / (image.name + ".emerge.log")).read_text()
-    assert "Emerging binary" in log and "sys-boot/grub" in log and ">>> dracut" in log
-    with open_image(image) as img:
-        root = img.root
-        installed = {p.parent.name + "/" + p.name for p in (root / "var/db/pkg").glob("*/*")}
-        assert any(p.startswith("sys-kernel/gentoo-kernel-bin-") for p in installed), installed
-        assert any(p.startswith("sys-boot/grub-") for p in installed), installed
-        # The image keeps the stage's own binhost and key settings; nothing of the build's own
-        # binhost, its key, its USE or its FEATURES stays.
-        binrepos = root / "etc/portage/binrepos.conf"
-        assert sorted(p.name for p in binrepos.iterdir()) == ["gentoobinhost.conf"]
-        assert "https://distfiles.gentoo.org/releases/amd64/binpackages" in (binrepos / "gentoobinhost.conf").read_text()
-        make_conf = (root / "etc/portage/make.conf").read_text()
-        assert "binpkg-request-signature" in make_conf, "the stage's signature policy stays"
-        with tarfile.open(gentoo_binhost.stage3(Arch.amd64)) as stage:
-            assert make_conf.encode() == stage.extractfile("./etc/portage/make.conf").read(), \
-                "make.conf is the stage's (the spec has no diskimage/use; the build-only USE is gone)"  # type: ignore[union-attr]
-        assert not (root / "var/tmp/imagebuild-binhost-gnupg").exists()
-        assert not (root / "etc/portage/gnupg").exists() or gentoo_binhost.fingerprint.encode() not in b"".join(
-            p.read_bytes() for p in (root / "etc/portage/gnupg").rglob("*") if p.is_file())
-        for path in [*(root / "etc").rglob("*"), *(root / "var/lib/portage").rglob("*")]:
-            if path.is_file() and not path.is_symlink():
-                assert gentoo_binhost.url.encode() not in path.read_bytes(), f"{path} names the build's binhost"
-        assert not list((root / "var/cache/binpkgs").rglob("*.gpkg.tar"))
-        assert not list((root / "var/cache/distfiles").iterdir())
-    # The same inputs again: the cached tree, no emerge.
-    again = _build(tmp_path, gentoo_binhost, *flags, out="out2", stamp="20261205T000001Z")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "no emerge runs" in again.stderr and "  emerge --" not in again.stderr
-    [image2] = (tmp_path / "out2").glob("*.qcow2")
-    assert (tmp_path / "out2" / (image2.name + ".emerge.log")).read_text() == log
 
 
 @pytest.mark.parametrize("how", ["payload", "unsigned", "otherkey"])
