@@ -378,7 +378,7 @@ class PortageSteps:
 
     def copy_log(self, dest: Path) -> None:
         assert self.cached is not None
-        log = self.cached.with_name(self.cached.name.removesuffix(".tar.zst") + ".emerge.log")
+        log = _emerge_log_of(self.cached)
         if log.is_file():
             shutil.copyfile(log, dest)
 
@@ -400,7 +400,7 @@ class PortageSteps:
         with complete_step(f"Caching the tree after the package and kernel steps ({path.name})"):
             path.parent.mkdir(parents=True, exist_ok=True)
             pack_seed(ctx.root, path)
-            shutil.copyfile(ctx.emerge_log, path.with_name(path.name.removesuffix(".tar.zst") + ".emerge.log"))
+            shutil.copyfile(ctx.emerge_log, _emerge_log_of(path))
         self.prune()
 
     def prune(self) -> None:
@@ -415,8 +415,13 @@ def prune_steps_cache(cache_dir: Path, arch: str, keep: int) -> list[Path]:
     entries = sorted((cache_dir / "portage").glob(f"{arch}-*.tar.zst"), key=_mtime, reverse=True)
     for old in entries[keep:]:
         old.unlink(missing_ok=True)
-        old.with_name(old.name.removesuffix(".tar.zst") + ".emerge.log").unlink(missing_ok=True)
+        _emerge_log_of(old).unlink(missing_ok=True)
     return entries[keep:]
+
+
+def _emerge_log_of(entry: Path) -> Path:
+    """The emerge log kept beside a cached result of the steps."""
+    return entry.with_name(entry.name.removesuffix(".tar.zst") + ".emerge.log")
 
 
 def _stage_digest(tarball: Path, cache_dir: Path) -> str:
