@@ -345,5 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                      "with the output of the same command run with --debug", args.command, type(exc).__name__, exc)
         return EXIT_INTERNAL
     finally:
+        # After an interrupt the process is on its way out with 130: a second signal that arrives
+        # now (SIGTERM 50 ms after ^C, say) must not turn that into death by signal. So the
+        # handlers go back only when no signal came.
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) is not _while_cleaning_up:
+                signal.signal(sig, handler)

@@ -35,8 +35,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the whole suite nothing may be left: no loop device, no QEMU, no mount in a test dir."""
     _stop_prebuild()
-    loops = loop_devices() - _AT_START.get("loops", set())
-    qemus = qemu_processes() - _AT_START.get("qemu", set())
+    _stop_background()
+    loops = loop_devices(background=True) - _AT_START.get("loops", set())
+    qemus = qemu_processes(background=True) - _AT_START.get("qemu", set())
     mounts = [m for m in mounts_under(Path("/tmp")) if "pytest-of-" in m or "imagebuild-" in m]
     if loops or qemus or mounts:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -45,6 +46,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter is not None:
             reporter.write_line(text, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if session.exitstatus == 0:
+        shutil.rmtree(BACKGROUND_DIR, ignore_errors=True)
+    else:  # the logs stay for a look; the images go (GBs)
+        for image in BACKGROUND_DIR.rglob("*.qcow2"):
+            image.unlink()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -82,6 +88,91 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         thread = threading.Thread(target=_prebuild, args=(missing_ones,), name="standin-prebuild", daemon=True)
         _PREBUILD["thread"] = thread
         thread.start()
+    jobs: list[Callable[[Path], None]] = []
+    for item in session.items:
+        jobs += [m.args[0] for m in item.iter_markers("background") if m.args[0] not in jobs]
+    if jobs:
+        shutil.rmtree(BACKGROUND_DIR, ignore_errors=True)
+        BACKGROUND_DIR.mkdir(parents=True)
+        for job in jobs:
+            _BACKGROUND[job] = _BackgroundJob(job)
+
+
+# -- work a test module asks to start early (marker "background(job)") ------------------------
+# A module's slow preparation that needs no fixture (the release's parts built from the cached
+# stand-ins) runs beside the other tests: it starts once the foreign stand-ins are built and the
+# boot tier is over (the integration and unit tiers leave a core idle), at the lowest CPU
+# priority, and the module's fixture waits for it (background_result). Its QEMU processes and
+# loop devices live under BACKGROUND_DIR, and the checks of the other tests leave them out.
+BACKGROUND_DIR = Path(tempfile.gettempdir()) / f"imagebuild-test-background-{os.getpid()}"
+_BOOT_TIER_OVER = threading.Event()
+
+
+class _BackgroundJob:
+    def __init__(self, job: Callable[[Path], None]) -> None:
+        self.job, self.directory = job, BACKGROUND_DIR / job.__name__
+        self.error: BaseException | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=f"background-{job.__name__}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        prebuild = _PREBUILD.get("thread")
+        if prebuild is not None:
+            prebuild.join()
+        _BOOT_TIER_OVER.wait()
+        if self.stopping:
+            return
+        self.directory.mkdir(parents=True)
+        try:
+            self.job(self.directory)
+        except BaseException as exc:  # re-raised in the test that waits for it
+            self.error = exc
+
+
+_BACKGROUND: dict[Callable[[Path], None], _BackgroundJob] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Sorted as they are (collection_modifyitems), the boot tier is over at the first test of
+    # another tier, or at the first test that needs a foreign stand-in.
+    if not item.get_closest_marker("boot") or _foreign_standins(item):
+        _BOOT_TIER_OVER.set()
+
+
+def background_process(command: list[str], *, log: Path, env: dict[str, str]) -> int:
+    """Run ``command`` from a background job at the lowest CPU priority; its exit status."""
+    job = next(j for j in _BACKGROUND.values() if j.thread is threading.current_thread())
+    with log.open("w") as out:
+        proc = subprocess.Popen(["nice", "-n", "19", *command], stdout=out, stderr=subprocess.STDOUT, env=env)
+        job.processes.append(proc)
+        return proc.wait()
+
+
+def background_result(job: Callable[[Path], None], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory ``job`` wrote, once it is done; its failure is raised here. Run here and
+    now when nothing started it (the module was not collected with its marker)."""
+    started = _BACKGROUND.get(job)
+    if started is None:
+        directory = tmp_path_factory.mktemp(job.__name__)
+        job(directory)
+        return directory
+    _BOOT_TIER_OVER.set()
+    started.thread.join()
+    if started.error is not None:
+        raise started.error
+    return started.directory
+
+
+def _stop_background() -> None:
+    for job in _BACKGROUND.values():
+        job.stopping = True
+        _BOOT_TIER_OVER.set()
+        for proc in job.processes:
+            if proc.poll() is None:
+                proc.terminate()
+        job.thread.join()
 
 
 _PREBUILD: dict[str, threading.Thread] = {}
@@ -172,15 +263,18 @@ def require_tools(*tools: str) -> None:
         missing(f"host tools not installed: {', '.join(absent)} (run ci/setup)")
 
 
-def loop_devices(under: Path | None = None) -> set[str]:
+def loop_devices(under: Path | None = None, *, background: bool = False) -> set[str]:
     """Attached loop devices; with ``under``, only those whose backing file lies below it
-    (other tests or builds on the machine may hold loop devices of their own)."""
+    (other tests or builds on the machine may hold loop devices of their own). Those of the
+    background jobs count only with ``background``."""
     out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                          capture_output=True, text=True, check=False).stdout
     found = set()
     for line in out.splitlines():
         name, _, back = line.strip().partition(" ")
-        if name and (under is None or back.strip().startswith(str(under))):
+        if not name or (not background and back.strip().startswith(str(BACKGROUND_DIR))):
+            continue
+        if under is None or back.strip().startswith(str(under)):
             found.add(name)
     return found
 
@@ -190,8 +284,9 @@ def mounts_under(path: Path) -> list[str]:
     return [line.split()[4] for line in text.splitlines() if line.split()[4].startswith(str(path))]
 
 
-def qemu_processes() -> set[int]:
-    """PIDs of running qemu-system-* processes (read from /proc; zombies do not count)."""
+def qemu_processes(*, background: bool = False) -> set[int]:
+    """PIDs of running qemu-system-* processes (read from /proc; zombies do not count). Those
+    of the background jobs count only with ``background``."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -199,9 +294,10 @@ def qemu_processes() -> set[int]:
         try:
             comm = (entry / "comm").read_text().strip()
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            ours = background or str(BACKGROUND_DIR).encode() not in (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if comm.startswith("qemu-system") and state != "Z":
+        if comm.startswith("qemu-system") and state != "Z" and ours:
             pids.add(int(entry.name))
     return pids
 

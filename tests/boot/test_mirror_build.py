@@ -36,13 +36,14 @@ def build(mirror: LoopbackMirror, tmp_path: Path, cache: Path, *extra: str) -> s
 
 def test_build_from_verified_download_then_cache_hit(standin_mirror: LoopbackMirror, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    # The first build boots its image: a verified download all the way to a root shell.
-    first = build(standin_mirror, tmp_path / "one", cache, "--stamp", "20261124T010000Z")
+    # The download is the stand-in tarball that test_images' README job builds and boots; here
+    # the image is audited offline (booting it again would prove nothing new).
+    first = build(standin_mirror, tmp_path / "one", cache, "--stamp", "20261124T010000Z", "--no-test")
     assert first.returncode == 0, first.stderr[-3000:]
     image = tmp_path / "one/out/di-amd64-console-20261124T010000Z.qcow2"
     assert image.is_file()
     assert "Fetching the latest stage3-amd64-nomultilib-systemd" in first.stderr
-    assert json.loads(image.with_name(image.name + ".smoke.json").read_text())["passed"]
+    assert json.loads(image.with_name(image.name + ".inspect.json").read_text())["passed"]
     manifest = json.loads(image.with_name(image.name + ".manifest.json").read_text())
     assert manifest["stage"]["source"] == "mirror"
     assert manifest["stage"]["file"] == standin_mirror.tarball_name

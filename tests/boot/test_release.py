@@ -2,10 +2,13 @@
 stage3s with real emerge, the OpenRC ones from the stand-in stages), real QEMU boots, a real
 Gentoo-style tree, its summary page rendered by headless Chromium.
 
-CI time is the budget: one full release (8 images: Gentoo's four on systemd and the same four
-on OpenRC, the only boot test of the OpenRC cloud-init images and of arm64 on OpenRC; zstd to
-save ~20 s per image), then the smallest runs that prove the rest — one broken image beside one good one, and a single
-image that is killed as its smoke test starts (a concurrent run is refused meanwhile).
+CI time is the budget: one full release, made the way ci/github/release.yml makes it (partial
+trees, `release --arch ... --variant ...`, then `release --assemble`): nine images, Gentoo's four
+on systemd, three on OpenRC and riscv64's two (the only boot tests of arm64 on OpenRC and of
+riscv64; zstd to save ~20 s per image). The parts from the stand-ins are built early, beside the
+integration and unit tiers (conftest's background jobs); the Portage ones two at a time. Then the
+smallest runs that prove the rest: one broken image beside one good one, and a single image that
+is killed as its smoke test starts (a concurrent run is refused meanwhile).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import tarfile
 import textwrap
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -36,6 +40,8 @@ from conftest import (
     CACHE_DIR,
     GentooBinhost,
     _standin,
+    background_process,
+    background_result,
     cli_command,
     cli_env,
     qemu_processes,
@@ -45,19 +51,20 @@ from conftest import (
 )
 from test_images import EXPECTED_CHECKS
 
-pytestmark = [pytest.mark.boot, pytest.mark.standin("arm64"), pytest.mark.standin("arm64", "openrc")]
-
 REPO = Path(__file__).resolve().parents[2]
 FIRST, BROKEN, KILLED, CONCURRENT = ("20261124T000000Z", "20261201T000000Z", "20261208T000000Z",
                                      "20261215T000000Z")
-# (arch, variant as the file names spell it), in the order the release builds them.
-IMAGES = [(arch, variant) for arch in ("amd64", "arm64")
-          for variant in ("console", "cloudinit", "console-openrc", "cloudinit-openrc")]
+# (arch, variant as the file names spell it), in the order the release publishes them. riscv64
+# (Gentoo's rv64_lp64d) has the two images Gentoo publishes from releng's specs-qemu.
+IMAGES = [(Arch(arch), variant) for arch, variants in (
+    ("amd64", ("console", "cloudinit", "console-openrc")),
+    ("arm64", ("console", "cloudinit", "console-openrc", "cloudinit-openrc")),
+    ("riscv64", ("console", "cloudinit"))) for variant in variants]
 POINTER = re.compile(r"# Latest as of (.+)\n# ts=(\d+)\n(\d{8}T\d{6}Z)/(\S+) (\d+)\n")
 
 
 def image_name(arch: str, variant: str, stamp: str) -> str:
-    return f"di-{arch}-{variant}-{stamp}.qcow2"
+    return f"di-{Arch.parse(arch).gentoo}-{variant}-{stamp}.qcow2"
 
 
 def write_config(path: Path, out: Path, *, arches: list[str], variants: list[str],
@@ -137,53 +144,112 @@ def our_qemus(out: Path) -> set[int]:
 @dataclasses.dataclass
 class Run:
     out: Path
-    proc: subprocess.CompletedProcess[str]
-    log: Path
+    proc: subprocess.CompletedProcess[str]  # the assembly's
+    logs: dict[str, Path]  # each part's and the assembly's
     seconds: float
     pointers: dict[str, bytes]
     page: Path  # a copy of the first run's index.html, beside it (its links stay relative)
 
 
+# The first release is made as ci/github/release.yml makes it, in partial trees (`release
+# --arch ARCH --variant ...`) that `release --assemble` publishes as one. The parts from the
+# cached stand-ins are built early, beside the other tests (early_parts); the ones that emerge
+# from the test binhost into the Portage stand-in stage3s are built by the fixture, two at a time.
+EARLY_PARTS = {"amd64-openrc": ("amd64", ["console-openrc"]),
+               "arm64-openrc": ("arm64", ["console-openrc", "cloud-init-openrc"]),
+               "riscv64": ("riscv64", ["console", "cloud-init"])}
+PORTAGE_PARTS = {"amd64": ("amd64", ["console", "cloud-init"]), "arm64": ("arm64", ["console", "cloud-init"])}
+# Published in this order (IMAGES): the assembly takes the parts in this order.
+PART_ORDER = ("amd64", "amd64-openrc", "arm64", "arm64-openrc", "riscv64")
+VARIANTS = ["console", "cloud-init", "console-openrc", "cloud-init-openrc"]
+
+
+def release_part(config: Path, name: str, arch: str, variants: list[str], parts: Path) -> list[str | Path]:
+    return [config, "--arch", arch, *[f"--variant={v}" for v in variants], "--stamp", FIRST,
+            "--output", parts / name]
+
+
+def early_parts(directory: Path) -> None:
+    """The first release's parts made from the stand-ins, one after another (at the lowest CPU
+    priority, with QEMU's and the builds' scratch below ``directory``)."""
+    config = write_config(directory / "release.toml", directory / "unused", arches=["amd64", "arm64", "riscv64"],
+                          variants=VARIANTS, stages={a: "standin" for a in ("amd64", "arm64", "riscv64")})
+    (directory / "tmp").mkdir()
+    env = {**cli_env(None), "TMPDIR": str(directory / "tmp")}
+    for name, (arch, variants) in EARLY_PARTS.items():
+        log = directory / f"first-{name}.log"
+        started = time.monotonic()
+        code = background_process(cli_command("release", *release_part(config, name, arch, variants, directory)),
+                                  log=log, env=env)
+        (directory / f"{name}.seconds").write_text(f"{time.monotonic() - started:.0f}\n")
+        assert code == 0, f"the {name} part failed ({code}):\n{tail(log)}"
+
+
+pytestmark = [pytest.mark.boot, pytest.mark.standin("arm64"), pytest.mark.standin("arm64", "openrc"),
+              pytest.mark.standin("riscv64"), pytest.mark.background.with_args(early_parts)]
+
+
 @pytest.fixture(scope="module")
 def first(tmp_path_factory: pytest.TempPathFactory, gentoo_binhost: GentooBinhost) -> Iterator[Run]:
-    """One release of all eight images: Gentoo's four on systemd from the Portage stand-in
-    stage3s (real emerge of packages and kernel from the signed loopback binhost), the four on
-    OpenRC from the stand-in stages."""
+    """One release of nine images: Gentoo's four on systemd from the Portage stand-in stage3s
+    (real emerge of packages and kernel from the signed loopback binhost), three on OpenRC and
+    riscv64's two from the stand-in stages. (The amd64 cloud-init image on OpenRC is booted
+    through the smoke test by test_third_party_seed, with a seed of cloud-localds.)"""
     require_root()
-    require_tools("qemu-img", "qemu-system-x86_64", "qemu-system-aarch64", "mkfs.xfs", "mkfs.vfat", "mcopy",
-                  "sfdisk")
-    for arch in (Arch.amd64, Arch.arm64):
-        _standin(arch, "openrc")  # built once and cached; the release reuses it
+    require_tools("qemu-img", "qemu-system-x86_64", "qemu-system-aarch64", "qemu-system-riscv64", "mkfs.xfs",
+                  "mkfs.vfat", "mcopy", "sfdisk")
     base = tmp_path_factory.mktemp("release")
     out = base / "out"
-    arches = ["amd64", "arm64"]
+    # Both stage3s first: making arm64's rewrites the test repository the amd64 builds read.
+    stages = {f"{a}/systemd": str(gentoo_binhost.stage3(Arch(a))) for a in ("amd64", "arm64")}
     config = write_config(
-        base / "release.toml", out, arches=arches,
-        variants=["console", "cloud-init", "console-openrc", "cloud-init-openrc"],
-        stages={**{f"{a}/systemd": str(gentoo_binhost.stage3(Arch(a))) for a in arches},
-                **{f"{a}/openrc": "standin" for a in arches}},
-        specs={f"{a}/{v}": portage_spec(base, a, v) for a in arches for v in PACKAGES},
+        base / "release.toml", out, arches=["amd64", "arm64"], variants=VARIANTS, stages=stages,
+        specs={f"{a}/{v}": portage_spec(base, a, v) for a in ("amd64", "arm64") for v in PACKAGES},
         settings={"repo": str(gentoo_binhost.repo), "binhost": gentoo_binhost.url,
                   "binhost_keyring": str(gentoo_binhost.public_key)})
+    logs = {name: base / f"first-{name}.log" for name in PORTAGE_PARTS}
+    done: dict[str, tuple[subprocess.CompletedProcess[str], float]] = {}
+
+    def part(name: str) -> None:
+        arch, variants = PORTAGE_PARTS[name]
+        started = time.monotonic()
+        done[name] = (release(*release_part(config, name, arch, variants, base / "parts"), log=logs[name]),
+                      time.monotonic() - started)
+
     started = time.monotonic()
-    proc = release(config, "--stamp", FIRST, log=base / "first.log")
+    threads = [threading.Thread(target=part, args=(name,)) for name in PORTAGE_PARTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    early = background_result(early_parts, tmp_path_factory)
+    for name, (proc, seconds) in done.items():
+        print(f"\n{name} part: {seconds:.0f}s\n{proc.stdout}")
+        assert proc.returncode == 0, f"the {name} part failed:\n{proc.stdout}\n{tail(logs[name])}"
+    assert sorted(done) == sorted(PORTAGE_PARTS)
+    for name in EARLY_PARTS:
+        logs[name] = early / f"first-{name}.log"
+        print(f"\n{name} part (early): {(early / f'{name}.seconds').read_text().strip()}s")
+    logs["assemble"] = base / "assemble.log"
+    parts = [early / name if name in EARLY_PARTS else base / "parts" / name for name in PART_ORDER]
+    proc = release(config, "--assemble", *parts, log=logs["assemble"])
     seconds = time.monotonic() - started
-    print(f"\nfirst release: {seconds:.0f}s\n{proc.stdout}")
-    assert proc.returncode == 0, f"release failed:\n{proc.stdout}\n{tail(base / 'first.log')}"
+    print(f"\nfirst release, the Portage parts and the assembly: {seconds:.0f}s\n{proc.stdout}")
+    assert proc.returncode == 0, f"assembling failed:\n{proc.stdout}\n{tail(logs['assemble'])}"
     pointers = {p.name: p.read_bytes() for p in out.glob("releases/*/autobuilds/latest-*.txt")}
     page = out / "index-first.html"
     shutil.copy(out / "index.html", page)
-    yield Run(out, proc, base / "first.log", seconds, pointers, page)
-    for leftover in out.rglob("*.qcow2"):
+    yield Run(out, proc, logs, seconds, pointers, page)
+    for leftover in [*base.rglob("*.qcow2"), *early.rglob("*.qcow2")]:
         leftover.unlink()  # ~300 MB each; pytest keeps old temp directories
 
 
 def test_release_publishes_every_image(first: Run) -> None:
     out = first.out
-    assert sorted(first.pointers) == sorted(f"latest-di-{a}-{v}.txt" for a, v in IMAGES)
+    assert sorted(first.pointers) == sorted(f"latest-di-{a.gentoo}-{v}.txt" for a, v in IMAGES)
     for arch, variant in IMAGES:
-        autobuilds = out / "releases" / arch / "autobuilds"
-        text = (autobuilds / f"latest-di-{arch}-{variant}.txt").read_text()
+        autobuilds = out / "releases" / arch.gentoo_dir / "autobuilds"
+        text = (autobuilds / f"latest-di-{arch.gentoo}-{variant}.txt").read_text()
         match = POINTER.fullmatch(text)
         assert match, f"not Gentoo's pointer format:\n{text}"
         when, ts, stamp, name, size = match.groups()
@@ -197,8 +263,8 @@ def test_release_publishes_every_image(first: Run) -> None:
                        ".inspect.json", ".build.log"):
             assert image.with_name(name + suffix).is_file(), suffix
         emerge_log = image.with_name(name + ".emerge.log")
-        if variant.endswith("-openrc"):
-            assert not emerge_log.exists(), "the OpenRC stand-in has its kernel: nothing is emerged"
+        if variant.endswith("-openrc") or arch is Arch.riscv64:
+            assert not emerge_log.exists(), "the stand-in has its kernel: nothing is emerged"
         else:
             # Real emerge put the kernel and the packages into the stage3, from the binhost.
             log = emerge_log.read_text()
@@ -216,6 +282,13 @@ def test_release_publishes_every_image(first: Run) -> None:
         # OpenRC colours its lines: compare the text without terminal escapes.
         console = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", image.with_name(name + ".console.log").read_text(errors="replace"))
         assert "GNU GRUB" in console and "Linux version" in console
+        if arch is Arch.riscv64:
+            # The whole chain on the serial line: the EFI firmware (U-Boot's UEFI on OpenSBI where
+            # QEMU is too old for RISC-V edk2, as Debian 12's 7.2), GRUB, the kernel, the login.
+            if "u-boot" in smoke["firmware"]:
+                assert "OpenSBI v" in console and "U-Boot 20" in console, name
+                assert "efi/boot/bootriscv64.efi" in console, name
+            assert "riscv64" in console and "login: " in console, name
         if variant.endswith("-openrc"):
             # The serial login, and OpenRC's runlevels as the checks' rc-status shows them.
             assert "login: " in console and "Runlevel: default" in console, variant
@@ -231,8 +304,9 @@ def test_release_publishes_every_image(first: Run) -> None:
     rows = [line.split() for line in first.proc.stdout.splitlines()[1:-1]]
     assert [row[0] for row in rows] == [image_name(a, v, FIRST) for a, v in IMAGES]
     assert all(row[-1] == "PASSED" for row in rows), first.proc.stdout
-    assert first.proc.stdout.splitlines()[-1] == "8 passed, 0 failed"
-    assert "STAND-IN" in first.log.read_text(), "the stand-in says what it is"
+    assert first.proc.stdout.splitlines()[-1] == f"{len(IMAGES)} passed, 0 failed"
+    for name in EARLY_PARTS:
+        assert "STAND-IN" in first.logs[name].read_text(), "the stand-in says what it is"
     print(timings(first.proc.stdout))
 
 
@@ -305,19 +379,19 @@ def rendered(page: Path, scratch: Path) -> SummaryPage:
 
 def test_summary_page_in_chromium(first: Run, tmp_path: Path) -> None:
     page = rendered(first.page, tmp_path / "profile")
-    assert len(page.rows) == 8, page.rows
+    assert len(page.rows) == len(IMAGES), page.rows
     for row, (arch, variant) in zip(page.rows, IMAGES, strict=True):
         image, row_arch, row_variant, size, build, boot, result, reason, _links = row["cells"]
-        assert image == image_name(arch, variant, FIRST) and row_arch == arch
+        assert image == image_name(arch, variant, FIRST) and row_arch == arch.value
         assert row_variant == str(ImageKind.parse(variant))
         assert result == "PASSED" and reason == ""
         assert re.fullmatch(r"\d+\.\d MiB", size) and re.fullmatch(r"\d+\.\ds", build), row
         assert re.fullmatch(r"\d+\.\ds", boot), row
         # The console log, JUnit and smoke JSON links lead to the files, relative to the page.
         for suffix in (".console.log", ".smoke.xml", ".smoke.json"):
-            href = f"releases/{arch}/autobuilds/{FIRST}/{image}{suffix}"
+            href = f"releases/{arch.gentoo_dir}/autobuilds/{FIRST}/{image}{suffix}"
             assert href in row["links"] and (first.out / href).is_file()
-    assert "8 passed, 0 failed" in page.verdict
+    assert f"{len(IMAGES)} passed, 0 failed" in page.verdict
     shot = tmp_path / "page.png"
     chromium(first.page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,700")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -359,7 +433,8 @@ def test_a_broken_image_keeps_its_old_pointer(first: Run, broken_arm64_stage: Pa
     assert updated and updated.group(3) == BROKEN
     assert (out / "releases/amd64/autobuilds" / BROKEN / updated.group(4)).stat().st_size == int(updated.group(5))
     for untouched in ("latest-di-amd64-cloudinit.txt", "latest-di-arm64-cloudinit.txt",
-                      "latest-di-amd64-console-openrc.txt", "latest-di-arm64-cloudinit-openrc.txt"):
+                      "latest-di-amd64-console-openrc.txt", "latest-di-arm64-cloudinit-openrc.txt",
+                      "latest-di-rv64_lp64d-console.txt"):
         assert pointers[untouched] == first.pointers[untouched], "images not in this run keep their pointers"
     assert not (out / "releases/arm64/autobuilds" / BROKEN).exists(), "nothing of the failure is published"
 
