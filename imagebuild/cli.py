@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         # After an interrupt the process is on its way out with 130: a second signal that arrives
-        # now (SIGTERM 50 ms after ^C, say) must not turn that into death by signal. So the
-        # handlers go back only when no signal came.
+        # now (SIGTERM 50 ms after ^C, say) must not turn that into death by signal. Python puts
+        # its own handlers back to the default as the interpreter shuts down, but leaves SIG_IGN.
+        interrupted = signal.getsignal(signal.SIGINT) is _while_cleaning_up
         for sig, handler in previous.items():
-            if signal.getsignal(sig) is not _while_cleaning_up:
-                signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if interrupted else handler)
