@@ -13,6 +13,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -145,9 +146,7 @@ def background_process(command: list[str], *, log: Path, env: dict[str, str]) ->
     """Run ``command`` from a background job at the lowest CPU priority; its exit status."""
     job = next(j for j in _BACKGROUND.values() if j.thread is threading.current_thread())
     with log.open("w") as out:
-        proc = subprocess.Popen(["nice", "-n", "19", *command], stdout=out, stderr=subprocess.STDOUT, env=env)
-        job.processes.append(proc)
-        return proc.wait()
+        return _niced(command, out=out, env=env, processes=job.processes)
 
 
 def background_result(job: Callable[[Path], None], tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -169,9 +168,7 @@ def _stop_background() -> None:
     for job in _BACKGROUND.values():
         job.stopping = True
         _BOOT_TIER_OVER.set()
-        for proc in job.processes:
-            if proc.poll() is None:
-                proc.terminate()
+        _terminate(job.processes)
         job.thread.join()
 
 
@@ -185,11 +182,22 @@ def _prebuild(standins: list[tuple[Arch, str]]) -> None:
     with log.open("w") as out:
         for arch, init in standins:
             # A failure shows again, with its message, when the test that needs the stand-in builds it.
-            proc = subprocess.Popen(["nice", "-n", "19", *cli_command("standin", arch.value, "--init", init,
-                                                                     "--cache-dir", CACHE_DIR)],
-                                    stdout=out, stderr=subprocess.STDOUT, env=cli_env(None))
-            _PREBUILDING.append(proc)
-            proc.wait()
+            _niced(cli_command("standin", arch.value, "--init", init, "--cache-dir", CACHE_DIR), out=out,
+                   env=cli_env(None), processes=_PREBUILDING)
+
+
+def _niced(command: list[str], *, out: IO[str], env: dict[str, str], processes: list[subprocess.Popen[bytes]]) -> int:
+    """Run ``command`` at the lowest CPU priority, its output to ``out``, recorded in ``processes``
+    (for _terminate); its exit status."""
+    proc = subprocess.Popen(["nice", "-n", "19", *command], stdout=out, stderr=subprocess.STDOUT, env=env)
+    processes.append(proc)
+    return proc.wait()
+
+
+def _terminate(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
 
 
 def _stop_prebuild() -> None:
@@ -197,9 +205,7 @@ def _stop_prebuild() -> None:
     thread = _PREBUILD.pop("thread", None)
     if thread is None:
         return
-    for proc in _PREBUILDING:
-        if proc.poll() is None:
-            proc.terminate()
+    _terminate(_PREBUILDING)
     thread.join()
 
 
@@ -272,9 +278,10 @@ def loop_devices(under: Path | None = None, *, background: bool = False) -> set[
     found = set()
     for line in out.splitlines():
         name, _, back = line.strip().partition(" ")
-        if not name or (not background and back.strip().startswith(str(BACKGROUND_DIR))):
+        back = back.strip()
+        if not name or (not background and back.startswith(str(BACKGROUND_DIR))):
             continue
-        if under is None or back.strip().startswith(str(under)):
+        if under is None or back.startswith(str(under)):
             found.add(name)
     return found
 
@@ -292,12 +299,13 @@ def qemu_processes(*, background: bool = False) -> set[int]:
         if not entry.name.isdigit():
             continue
         try:
-            comm = (entry / "comm").read_text().strip()
+            if not (entry / "comm").read_text().startswith("qemu-system"):
+                continue
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             ours = background or str(BACKGROUND_DIR).encode() not in (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if comm.startswith("qemu-system") and state != "Z" and ours:
+        if state != "Z" and ours:
             pids.add(int(entry.name))
     return pids
 

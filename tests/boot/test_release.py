@@ -200,11 +200,12 @@ def first(tmp_path_factory: pytest.TempPathFactory, gentoo_binhost: GentooBinhos
                   "mkfs.vfat", "mcopy", "sfdisk")
     base = tmp_path_factory.mktemp("release")
     out = base / "out"
+    arches = [arch for arch, _ in PORTAGE_PARTS.values()]
     # Both stage3s first: making arm64's rewrites the test repository the amd64 builds read.
-    stages = {f"{a}/systemd": str(gentoo_binhost.stage3(Arch(a))) for a in ("amd64", "arm64")}
+    stages = {f"{a}/systemd": str(gentoo_binhost.stage3(Arch(a))) for a in arches}
     config = write_config(
-        base / "release.toml", out, arches=["amd64", "arm64"], variants=VARIANTS, stages=stages,
-        specs={f"{a}/{v}": portage_spec(base, a, v) for a in ("amd64", "arm64") for v in PACKAGES},
+        base / "release.toml", out, arches=arches, variants=VARIANTS, stages=stages,
+        specs={f"{a}/{v}": portage_spec(base, a, v) for a in arches for v in PACKAGES},
         settings={"repo": str(gentoo_binhost.repo), "binhost": gentoo_binhost.url,
                   "binhost_keyring": str(gentoo_binhost.public_key)})
     logs = {name: base / f"first-{name}.log" for name in PORTAGE_PARTS}
